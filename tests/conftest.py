@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tests.tiny import make_model_dir, make_tokenizer  # noqa: E402
+from tests.tiny import make_model_dir, make_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DesktuneError", "RunConfig", "demo", "generate", "load_config", "merge", "train"]
 
-from desktune.errors import DesktuneError  # noqa: E402
+from desktune.errors import DesktuneError
 
 
 def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:

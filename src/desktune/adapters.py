@@ -1,0 +1,131 @@
+"""LoRA / DoRA / rsLoRA adapters through peft: target resolution and the trainable-parameter report."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from desktune.config import LoraConfig
+from desktune.errors import DesktuneError
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """How much of the model trains."""
+
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.2f}%)"
+
+
+def _output_head_names(model: torch.nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, mod in model.named_modules() if head is not None and mod is head}
+
+
+def linear_leaf_names(model: torch.nn.Module) -> list[str]:
+    """Leaf names of the linear layers LoRA can target (the output head excluded)."""
+    heads = _output_head_names(model)
+    names = set()
+    for name, mod in model.named_modules():
+        if name in heads or not name:
+            continue
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in {"Linear4bit", "Linear8bitLt", "NF4Linear"}:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_targets(model: torch.nn.Module, targets: list[str] | str) -> list[str] | str:
+    """Validate target module names against the model; 'all-linear' is passed to peft as is."""
+    if targets == "all-linear":
+        return "all-linear"
+    valid = linear_leaf_names(model)
+    unknown = [t for t in targets if t not in valid]
+    if unknown:
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, valid, n=1)
+            hints.append(f"'{u}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise DesktuneError(
+            f"unknown target module(s) {', '.join(hints)}; this model's linear layers are: {', '.join(valid)}",
+            where="lora.target_modules", fix="use names from that list, or 'all-linear'",
+        )
+    return list(targets)
+
+
+def peft_config(cfg: LoraConfig, targets: list[str] | str) -> Any:
+    """The peft LoraConfig for a causal LM."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none",
+        task_type="CAUSAL_LM", use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
+    )
+
+
+def attach_lora(model: torch.nn.Module, cfg: LoraConfig, *, gradient_checkpointing: bool = False) -> Any:
+    """Wrap a frozen base with trainable LoRA adapters (fp32 adapter weights for stable updates)."""
+    from peft import get_peft_model
+
+    targets = resolve_targets(model, cfg.target_modules)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    peft_model = get_peft_model(model, peft_config(cfg, targets), autocast_adapter_dtype=True)
+    return peft_model
+
+
+def trainable_report(model: torch.nn.Module) -> TrainableReport:
+    """Count trainable and total parameters (quantized weights counted by their logical size)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or type(p).__name__ == "Params4bit":  # bnb packs two 4-bit values a byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return TrainableReport(trainable=trainable, total=total)
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """adapter_config.json of a saved PEFT adapter folder, with clear errors."""
+    folder = Path(path)
+    cfg_file = folder / "adapter_config.json"
+    if not folder.is_dir():
+        raise DesktuneError("adapter folder not found", where=str(folder),
+                            fix="pass the folder holding adapter_config.json")
+    if not cfg_file.is_file():
+        raise DesktuneError("no adapter_config.json here (not a PEFT adapter folder)", where=str(folder),
+                            fix="pass a run's adapter/ folder or a checkpoints/step-N folder")
+    try:
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DesktuneError(f"invalid JSON ({e})", where=str(cfg_file), fix="restore the adapter folder") from None
+
+
+def load_adapter(base: torch.nn.Module, path: str | Path, *, trainable: bool = False) -> Any:
+    """Put a saved PEFT adapter on a loaded base model."""
+    from peft import PeftModel
+
+    read_adapter_config(path)
+    try:
+        return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "size mismatch" in str(e) or "shape" in str(e).lower():
+            msg = "its weight shapes do not match this base model (was it trained on another base?)"
+        raise DesktuneError(f"could not load the adapter: {msg}", where=str(path),
+                            fix="use the base model the adapter was trained on (see base_model_name_or_path in "
+                            "adapter_config.json)") from None

@@ -1,0 +1,184 @@
+"""The `desktune` command: demo, train, chat, generate, merge."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from desktune.errors import DesktuneError
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    help="Fine-tune open LLMs with LoRA/QLoRA on the hardware you have: one GPU, a laptop, or a CPU.",
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Base model: embedded name, local folder, .gguf file or hub id "
+                 "(default: the adapter's base, else smollm2-135m-instruct)."),
+]
+AdapterOpt = Annotated[
+    Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder (a run's adapter/ or a checkpoint).")
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
+QuantOpt = Annotated[str, typer.Option("--quant", help="Load the base as none, nf4 or int8.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the run folder goes.")] = Path("runs"),
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the demo's).")] = None,
+) -> None:
+    """Fine-tune the embedded SmolLM2-135M-Instruct on the demo data and show base vs tuned answers.
+
+    Runs on the CPU in a few minutes: converts the embedded model once into the cache, answers the held-out
+    prompts, trains a LoRA adapter (train and validation loss shown as they fall), answers again, and prints
+    where the adapter was saved and its size.
+    """
+    from desktune.demo import run_demo
+
+    run_demo(output_dir=output_dir, max_steps=max_steps, console=out)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="A run config (YAML); see examples/.")],
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", "-o", help="Override a config key: -o train.lr=1e-4 -o lora.r=8 (repeatable)."),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar (metrics.jsonl is still written).")
+    ] = False,
+) -> None:
+    """Train a LoRA/QLoRA adapter as a YAML config describes.
+
+    Writes a run folder (OUTPUT_DIR/RUN_NAME) with the resolved config.yaml, metrics.jsonl (one line per step),
+    checkpoints/step-N adapters and the final adapter/ in standard PEFT format.
+
+    Example: desktune train examples/demo.yaml -o train.max_steps=20 -o lora.r=8
+    """
+    from desktune.config import load_config
+    from desktune.train.loop import train as run_train
+
+    cfg = load_config(config, override or [])
+    result = run_train(cfg, console=out, quiet=quiet)
+    val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
+    out.print(f"done: {result.steps} steps, train loss {result.train_losses[0]:.4f} -> "
+              f"{result.final_train_loss:.4f}{val}; {result.tokens_per_s:.0f} tokens/s")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "none",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Answer one prompt, streaming tokens, with or without an adapter.
+
+    Example: desktune generate "Who are you?" --adapter runs/demo/adapter
+    """
+    from desktune.generate import load_for_inference, reply
+
+    loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    reply(loaded.model, loaded.tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+          on_text=lambda t: print(t, end="", flush=True))
+    print()
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.7,
+    dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "none",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Chat in the terminal with a model, with or without an adapter (answers stream as they are made).
+
+    Type a message and press Enter; /reset clears the conversation, /exit (or Ctrl-D) leaves.
+    Example: desktune chat --adapter runs/demo/adapter
+    """
+    from desktune.generate import load_for_inference, reply
+
+    loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    start = len(history)
+    err.print("[dim]chat ready: /reset clears, /exit leaves[/]")
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() in {"/exit", "/quit"}:
+            return
+        if text.strip() == "/reset":
+            del history[start:]
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        answer = reply(loaded.model, loaded.tokenizer, history, max_new_tokens=max_new_tokens,
+                       temperature=temperature, on_text=lambda t: print(t, end="", flush=True))
+        print()
+        history.append({"role": "assistant", "content": answer})
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="The PEFT adapter folder to merge.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
+    model: ModelOpt = None,
+    dtype: Annotated[str, typer.Option(help="Merged weights' precision: bf16 or fp16 (or fp32).")] = "bf16",
+) -> None:
+    """Merge an adapter into its 16-bit base and save a plain transformers model folder.
+
+    The base is always loaded in 16-bit, also for a QLoRA adapter (never merged into de-quantized 4-bit
+    weights). The folder holds safetensors weights, tokenizer and chat template.
+    Example: desktune merge runs/demo/adapter -o merged/
+    """
+    from desktune.export.merge import merge_adapter
+
+    folder = merge_adapter(adapter, output, model=model, dtype=dtype)
+    out.print(f"merged model saved: [bold]{folder}[/]")
+
+
+def main() -> None:
+    """Entry point: user errors print one message and exit 2, never a traceback."""
+    try:
+        app()
+    except DesktuneError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

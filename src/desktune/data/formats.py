@@ -1,0 +1,257 @@
+"""Raw rows -> Samples: one converter per data format, and detection of the format from the keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from desktune.data.sources import RawRow, kind_of
+from desktune.errors import DesktuneError
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+EXPECTED_KEYS = {
+    "alpaca": "instruction, output (optional: input, system)",
+    "messages": "messages (or conversations) = [{role, content}, ...]",
+    "sharegpt": "conversations = [{from, value}, ...]",
+    "prompt_completion": "prompt, completion",
+    "text": "text",
+}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+_DETECT_ROWS = 5
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A converted row: a chat (`messages`) or plain text (`text`), and where it came from."""
+
+    messages: list[dict[str, str]] | None
+    text: str | None
+    source: str
+
+
+def formats_help() -> str:
+    """One line listing every format and the keys it expects."""
+    return "; ".join(f"{name}: {keys}" for name, keys in EXPECTED_KEYS.items())
+
+
+# ---------------------------------------------------------------- detection
+
+
+def _detect_row(data: Any) -> str | None:
+    """The format a single row looks like, or None."""
+    if not isinstance(data, dict):
+        return None
+    if "messages" in data:
+        return "messages"
+    if "conversations" in data:
+        turns = _maybe_json(data["conversations"])
+        first = turns[0] if isinstance(turns, list) and turns else None
+        if isinstance(first, dict) and "role" in first and "from" not in first:
+            return "messages"
+        return "sharegpt"
+    if "instruction" in data and "output" in data:
+        return "alpaca"
+    if "prompt" in data and "completion" in data:
+        return "prompt_completion"
+    if "text" in data:
+        return "text"
+    return None
+
+
+def detect_format(rows: Sequence[RawRow]) -> str:
+    """Detect the format from the keys of the first rows; raise DesktuneError when none fits."""
+    for row in rows[:_DETECT_ROWS]:
+        fmt = _detect_row(row.data)
+        if fmt is not None:
+            return fmt
+    if not rows:
+        raise DesktuneError("no rows to detect the data format from", fix="add training samples")
+    first = rows[0]
+    keys = _keys(first.data) if isinstance(first.data, dict) else kind_of(first.data)
+    raise DesktuneError(
+        f"cannot detect the data format from the keys ({keys})",
+        where=first.source,
+        fix=f"rename the fields to one of the formats ({formats_help()}), or set data.format",
+    )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _keys(data: dict[str, Any]) -> str:
+    shown = ", ".join(str(k) for k in list(data)[:8]) + (", ..." if len(data) > 8 else "")
+    return shown or "no keys"
+
+
+def _maybe_json(value: Any) -> Any:
+    """A list given as a JSON string (CSV cells) is parsed; anything else is returned as is."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _require(row: RawRow, fmt: str, *names: str) -> None:
+    """Raise when fields the format needs are missing."""
+    if not isinstance(row.data, dict):
+        raise DesktuneError(
+            f"row is a {kind_of(row.data)}, not an object", where=row.source, fix=formats_help()
+        )
+    missing = [n for n in names if n not in row.data]
+    if missing:
+        raise DesktuneError(
+            f"missing field {', '.join(repr(m) for m in missing)} for format '{fmt}'"
+            f" (row has: {_keys(row.data)})",
+            where=row.source,
+            fix=f"'{fmt}' rows need {EXPECTED_KEYS[fmt]}; or set data.format to one of: {formats_help()}",
+        )
+
+
+def _text(value: Any, what: str, where: str, *, optional: bool = False) -> str:
+    """A non-empty string field (optional fields may be missing/null/empty and return '')."""
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise DesktuneError(
+            f"{what} is {kind_of(value)}, expected a string", where=where, fix="make it a text value"
+        )
+    if not value.strip() and not optional:
+        raise DesktuneError(f"{what} is empty", where=where, fix="fill it in or remove the row")
+    return value
+
+
+def _chat(user: str, assistant: str, system: str = "") -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system.strip() else []
+    return [*msgs, {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+# ---------------------------------------------------------------- converters
+
+
+def _alpaca(row: RawRow) -> Sample:
+    _require(row, "alpaca", "instruction", "output")
+    d, w = row.data, row.source
+    instruction = _text(d["instruction"], "field 'instruction'", w)
+    extra = _text(d.get("input"), "field 'input'", w, optional=True)
+    output = _text(d["output"], "field 'output'", w)
+    system = _text(d.get("system"), "field 'system'", w, optional=True)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return Sample(_chat(user, output, system), None, w)
+
+
+def _prompt_completion(row: RawRow) -> Sample:
+    _require(row, "prompt_completion", "prompt", "completion")
+    d, w = row.data, row.source
+    prompt = _text(d["prompt"], "field 'prompt'", w)
+    return Sample(_chat(prompt, _text(d["completion"], "field 'completion'", w)), None, w)
+
+
+def _text_row(row: RawRow) -> Sample:
+    _require(row, "text", "text")
+    return Sample(None, _text(row.data["text"], "field 'text'", row.source), row.source)
+
+
+def _conversation(row: RawRow, fmt: str, keys: tuple[str, str]) -> Sample:
+    """messages/sharegpt: turns with role/content or from/value (both are accepted)."""
+    key = next((k for k in keys if k in row.data), keys[0]) if isinstance(row.data, dict) else keys[0]
+    _require(row, fmt, key)
+    turns = _maybe_json(row.data[key])
+    w = row.source
+    if not isinstance(turns, list) or not turns:
+        what = "an empty list" if turns == [] else f"a {kind_of(turns)}"
+        raise DesktuneError(
+            f"field '{key}' is {what}, expected a list of turns", where=w, fix=EXPECTED_KEYS[fmt]
+        )
+    messages = [_turn(t, i, w) for i, t in enumerate(turns, start=1)]
+    _check_order(messages, w)
+    return Sample(messages, None, w)
+
+
+def _turn(turn: Any, i: int, where: str) -> dict[str, str]:
+    """One {role, content} (or {from, value}) turn, normalised to {role, content}."""
+    if not isinstance(turn, dict):
+        raise DesktuneError(
+            f"message {i} is a {kind_of(turn)}, not an object",
+            where=where,
+            fix='write each turn as {"role": ..., "content": ...} or {"from": ..., "value": ...}',
+        )
+    role = turn.get("role", turn.get("from"))
+    if "content" in turn:
+        content = turn["content"]
+    elif "value" in turn:
+        content = turn["value"]
+    else:
+        raise DesktuneError(
+            f"message {i} has no 'content' (or 'value') (keys: {_keys(turn)})",
+            where=where,
+            fix="give each turn a role and its text",
+        )
+    if not isinstance(role, str) or role.strip().lower() not in ROLES:
+        shown = repr(role) if isinstance(role, str) else kind_of(role)
+        raise DesktuneError(
+            f"message {i} has unknown role {shown}",
+            where=where,
+            fix="roles are system, user, assistant (sharegpt: system, human, gpt)",
+        )
+    text = _text(content, f"content of message {i}", where)
+    return {"role": ROLES[role.strip().lower()], "content": text}
+
+
+def _check_order(messages: list[dict[str, str]], where: str) -> None:
+    """Optional system first, then user/assistant alternating from a user turn, with an assistant turn."""
+    fix = "order turns as: optional system, then user, assistant, user, assistant, ..."
+    for i, m in enumerate(messages, start=1):
+        if m["role"] == "system" and i != 1:
+            raise DesktuneError(f"message {i}: a system turn is only allowed first", where=where, fix=fix)
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    offset = len(messages) - len(body)
+    if not body:
+        raise DesktuneError("the conversation has only a system turn", where=where, fix=fix)
+    if body[0]["role"] != "user":
+        raise DesktuneError(
+            f"message {offset + 1}: the conversation must start with a user turn (after an optional system)",
+            where=where,
+            fix=fix,
+        )
+    for i in range(1, len(body)):
+        if body[i]["role"] == body[i - 1]["role"]:
+            raise DesktuneError(
+                f"message {offset + i + 1}: two '{body[i]['role']}' turns in a row",
+                where=where,
+                fix="merge consecutive turns of the same role; user and assistant turns must alternate",
+            )
+    if not any(m["role"] == "assistant" for m in body):
+        raise DesktuneError(
+            "the conversation has no assistant turn",
+            where=where,
+            fix="add the assistant's reply; the loss is computed on assistant turns",
+        )
+
+
+_CONVERTERS: dict[str, Callable[[RawRow], Sample]] = {
+    "alpaca": _alpaca,
+    "messages": lambda row: _conversation(row, "messages", ("messages", "conversations")),
+    "sharegpt": lambda row: _conversation(row, "sharegpt", ("conversations", "messages")),
+    "prompt_completion": _prompt_completion,
+    "text": _text_row,
+}
+
+
+def to_sample(row: RawRow, fmt: str) -> Sample:
+    """Convert one row in format `fmt` ('auto' detects it from this row); raise DesktuneError on bad rows."""
+    if fmt == "auto":
+        fmt = detect_format([row])
+    if fmt not in _CONVERTERS:
+        raise DesktuneError(f"unknown data format '{fmt}'", fix=f"use one of: auto, {', '.join(FORMATS)}")
+    return _CONVERTERS[fmt](row)
+
+
+def convert_rows(rows: Sequence[RawRow], fmt: str = "auto") -> tuple[str, list[Sample]]:
+    """Convert every row; `fmt='auto'` detects the format from the first rows. Returns (format, samples)."""
+    if fmt == "auto":
+        fmt = detect_format(rows)
+    return fmt, [to_sample(row, fmt) for row in rows]

@@ -1,0 +1,223 @@
+"""Read a data file (.jsonl, .json, .csv, .parquet or a saved HF dataset folder) into raw rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from desktune.errors import DesktuneError
+
+SUPPORTED = ".jsonl, .json, .csv, .parquet or a folder written by datasets' save_to_disk"
+_SUPPORTED_FIX = f"use one of: {SUPPORTED}"
+_JSONL = {".jsonl", ".ndjson"}
+# keys that mark a top-level JSON object as one conversation rather than a {"data": [...]} wrapper
+_SAMPLE_KEYS = {"messages", "conversations"}
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One record as read from disk, with where it came from (`path:line` or `path:row N`)."""
+
+    data: dict[str, Any]
+    source: str
+
+
+def read_rows(path: str | Path) -> list[RawRow]:
+    """Read every row of a data file or saved dataset folder; raise DesktuneError on any bad input."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DesktuneError(
+            "data file not found", where=str(p), fix="check the path in data.train / data.val"
+        )
+    if p.is_dir():
+        rows = _read_saved_dataset(p)
+    else:
+        suffix = p.suffix.lower()
+        if suffix in _JSONL:
+            rows = _read_jsonl(p)
+        elif suffix == ".json":
+            rows = _read_json(p)
+        elif suffix == ".csv":
+            rows = _read_csv(p)
+        elif suffix == ".parquet":
+            rows = _read_parquet(p)
+        else:
+            raise DesktuneError(
+                f"unknown data file type '{p.suffix or '(none)'}'", where=str(p), fix=_SUPPORTED_FIX
+            )
+    if not rows:
+        raise DesktuneError("the data has no rows", where=str(p), fix="add training samples to the file")
+    return rows
+
+
+def _read_text(p: Path) -> str:
+    """The file's text (UTF-8, optional BOM); empty and binary files raise."""
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DesktuneError(
+            f"cannot read the file: {e.strerror or e}", where=str(p), fix="check its permissions"
+        ) from None
+    if not raw.strip():
+        raise DesktuneError("file is empty", where=str(p), fix="add training samples to the file")
+    if raw.startswith(b"PAR1"):
+        raise DesktuneError("this is a Parquet file", where=str(p), fix="rename it to end in .parquet")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DesktuneError(
+            f"not UTF-8 text (invalid byte at offset {e.start})",
+            where=str(p),
+            fix="save the file as UTF-8 text, or pass a .parquet file",
+        ) from None
+    if "\x00" in text:
+        raise DesktuneError("looks like a binary file (contains NUL bytes)", where=str(p), fix=_SUPPORTED_FIX)
+    return text
+
+
+def _as_row(obj: Any, source: str) -> RawRow:
+    if not isinstance(obj, dict):
+        raise DesktuneError(
+            f"row is a {kind_of(obj)}, not an object",
+            where=source,
+            fix='each row must be a JSON object such as {"instruction": ..., "output": ...}',
+        )
+    return RawRow({str(k): v for k, v in obj.items()}, source)
+
+
+def kind_of(obj: Any) -> str:
+    """A user-facing name for a JSON value's type."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if obj is None else names.get(type(obj), type(obj).__name__)
+
+
+def _read_jsonl(p: Path) -> list[RawRow]:
+    rows = []
+    for n, line in enumerate(_read_text(p).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DesktuneError(
+                f"invalid JSON on line {n}: {e.msg} (column {e.colno})",
+                where=where,
+                fix="each line must hold one complete JSON object",
+            ) from None
+        rows.append(_as_row(obj, where))
+    return rows
+
+
+def _read_json(p: Path) -> list[RawRow]:
+    try:
+        obj = json.loads(_read_text(p))
+    except json.JSONDecodeError as e:
+        fix = "correct the JSON syntax"
+        if e.msg.startswith("Extra data"):
+            fix = "the file holds several JSON values; if it has one object per line, name it .jsonl"
+        raise DesktuneError(
+            f"invalid JSON: {e.msg} (column {e.colno})", where=f"{p}:{e.lineno}", fix=fix
+        ) from None
+    items = _json_items(obj, p)
+    return [_as_row(item, f"{p}:row {i}") for i, item in enumerate(items, start=1)]
+
+
+def _json_items(obj: Any, p: Path) -> list[Any]:
+    """The rows inside a JSON document: a list, or an object with exactly one list value ({"data": [...]})."""
+    if isinstance(obj, list):
+        return obj
+    fix = 'write a list of objects [{...}, {...}], or an object with one list such as {"data": [...]}'
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) == 1 and not _SAMPLE_KEYS & obj.keys():
+            return lists[0]
+        what = "a single sample" if _SAMPLE_KEYS & obj.keys() else f"an object with keys {_keys(obj)}"
+        raise DesktuneError(f"the JSON holds {what}, not a list of rows", where=str(p), fix=fix)
+    raise DesktuneError(f"the JSON holds a {kind_of(obj)}, not a list of rows", where=str(p), fix=fix)
+
+
+def _keys(obj: dict[str, Any]) -> str:
+    return ", ".join(repr(str(k)) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+
+
+def _read_csv(p: Path) -> list[RawRow]:
+    reader = csv.reader(io.StringIO(_read_text(p), newline=""))
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise DesktuneError(
+                "the CSV has no header row", where=str(p), fix="put column names on the first line"
+            )
+        header = [h.strip() for h in header]
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise DesktuneError(
+                f"duplicate CSV columns: {', '.join(dupes)}", where=str(p), fix="rename the columns"
+            )
+        rows = []
+        for n, fields in enumerate(reader, start=1):
+            if not fields:
+                continue
+            where = f"{p}:row {n}"
+            if len(fields) != len(header):
+                raise DesktuneError(
+                    f"row has {len(fields)} fields but the header has {len(header)} columns",
+                    where=where,
+                    fix="quote fields that contain commas or newlines",
+                )
+            rows.append(RawRow(dict(zip(header, fields, strict=True)), where))
+    except csv.Error as e:
+        raise DesktuneError(
+            f"invalid CSV: {e}", where=f"{p}:{reader.line_num}", fix="correct the CSV quoting"
+        ) from None
+    return rows
+
+
+def _read_parquet(p: Path) -> list[RawRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if p.stat().st_size == 0:
+        raise DesktuneError("file is empty", where=str(p), fix="add training samples to the file")
+    try:
+        records = pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DesktuneError(
+            f"cannot read as Parquet: {str(e).splitlines()[0]}",
+            where=str(p),
+            fix="pass a valid .parquet file",
+        ) from None
+    return [RawRow(rec, f"{p}:row {i}") for i, rec in enumerate(records, start=1)]
+
+
+def _read_saved_dataset(p: Path) -> list[RawRow]:
+    """Rows of a folder written by Dataset.save_to_disk (a DatasetDict: its 'train' split)."""
+    is_dict = (p / "dataset_dict.json").is_file()
+    if not is_dict and not (p / "state.json").is_file():
+        raise DesktuneError(
+            "folder is not a dataset saved with save_to_disk", where=str(p), fix=_SUPPORTED_FIX
+        )
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # any loader failure means a bad folder
+        raise DesktuneError(
+            f"cannot load the saved dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            where=str(p),
+            fix="re-save it with Dataset.save_to_disk",
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DesktuneError(
+                f"the saved DatasetDict has no 'train' split (splits: {', '.join(ds)})",
+                where=str(p),
+                fix="save the split to use as 'train', or point data.train at a single split's folder",
+            )
+        ds = ds["train"]
+    return [RawRow(rec, f"{p}:row {i}") for i, rec in enumerate(ds.to_list(), start=1)]

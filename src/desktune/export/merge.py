@@ -1,0 +1,42 @@
+"""Merge a LoRA adapter into its 16-bit base and save a plain transformers model folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from desktune.adapters import load_adapter, read_adapter_config
+from desktune.config import ModelConfig
+from desktune.errors import DesktuneError
+from desktune.hardware import DTYPES, Hardware, pick_device
+from desktune.models.loading import load_model
+
+
+def merge_adapter(adapter: str | Path, output: str | Path, *, model: str | None = None, dtype: str = "bf16",
+                  device: str = "cpu") -> Path:
+    """Load the base in 16-bit (never from quantized weights), merge the adapter, save safetensors + tokenizer."""
+    adapter, output = Path(adapter), Path(output)
+    if dtype not in DTYPES:
+        raise DesktuneError(f"unknown dtype '{dtype}'", where="--dtype", fix="use bf16, fp16 or fp32")
+    if output.exists() and any(output.iterdir()):
+        raise DesktuneError("the output folder is not empty", where=str(output),
+                            fix="choose a new folder (nothing was written)")
+    base_name = model or read_adapter_config(adapter).get("base_model_name_or_path")
+    if not base_name:
+        raise DesktuneError("the adapter does not name its base model", where=str(adapter / "adapter_config.json"),
+                            fix="pass the base with --model")
+    hw = Hardware(device=pick_device(device), dtype=DTYPES[dtype])
+    loaded = load_model(ModelConfig(name=base_name), hw, quant="none")
+    peft_model = load_adapter(loaded.model, adapter)
+    merged = peft_model.merge_and_unload(safe_merge=True)
+    template = adapter / "chat_template.jinja"
+    if template.is_file():
+        loaded.tokenizer.chat_template = template.read_text(encoding="utf-8")
+    tmp = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    if output.exists():
+        output.rmdir()
+    tmp.rename(output)
+    return output

@@ -1,0 +1,82 @@
+"""Generation and chat with or without an adapter, streaming text as it is produced."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from desktune.adapters import load_adapter, read_adapter_config
+from desktune.config import EMBEDDED_MODEL, ModelConfig
+from desktune.hardware import detect
+from desktune.models.loading import LoadedModel, load_model
+
+
+def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *, dtype: str = "auto",
+                       device: str = "auto", quant: str = "none") -> LoadedModel:
+    """Load a base (by default the adapter's own base, else the embedded model) and put the adapter on it."""
+    if adapter is not None and model is None:
+        model = read_adapter_config(adapter).get("base_model_name_or_path") or EMBEDDED_MODEL
+    loaded = load_model(ModelConfig(name=model or EMBEDDED_MODEL, dtype=dtype, quant=quant), detect(device, dtype))
+    if adapter is not None:
+        loaded.model = load_adapter(loaded.model, adapter)
+        template = Path(adapter) / "chat_template.jinja"
+        if template.is_file():
+            loaded.tokenizer.chat_template = template.read_text(encoding="utf-8")
+    loaded.model.eval()
+    return loaded
+
+
+def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    from transformers import TextStreamer
+
+    class _Callback(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], *, max_new_tokens: int = 128,
+          temperature: float = 0.0, top_p: float = 0.9, on_text: Callable[[str], None] | None = None,
+          seed: int = 0) -> str:
+    """The assistant's next message for a conversation (greedy when temperature is 0)."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if on_text is not None:
+        kwargs["streamer"] = _streamer(tokenizer, on_text)
+    out = model.generate(**enc, **kwargs)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 96,
+            batch_size: int = 8) -> list[str]:
+    """Greedy answers to several conversations, generated in left-padded batches (much faster on a CPU)."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                     for c in conversations[i : i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            width = enc["input_ids"].shape[1]
+            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    finally:
+        tokenizer.padding_side = side
+    return answers

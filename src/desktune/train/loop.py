@@ -1,0 +1,253 @@
+"""The training run, top to bottom: set up, train with token-exact accumulation, validate, save."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from desktune import __version__
+from desktune.adapters import TrainableReport, attach_lora, trainable_report
+from desktune.config import RunConfig, dump_config
+from desktune.data import Example, build_datasets, collate, resolve_chat_template
+from desktune.errors import DesktuneError
+from desktune.hardware import detect, human_bytes, memory_in_use, set_threads
+from desktune.models.loading import LoadedModel, load_model
+from desktune.train.checkpoint import adapter_size, prune_checkpoints, save_adapter
+from desktune.train.loss import target_ce_sum
+from desktune.train.monitor import Monitor
+from desktune.train.optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class Run:
+    """Everything a run needs, built by `setup` before the first step."""
+
+    cfg: RunConfig
+    run_dir: Path
+    loaded: LoadedModel
+    model: Any  # the peft model
+    train_set: list[Example]
+    val_set: list[Example]
+    data_stats: Any
+    trainable: TrainableReport
+    console: Console
+    quiet: bool = False
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced and measured."""
+
+    run_dir: Path
+    adapter_dir: Path
+    adapter_bytes: int
+    steps: int
+    train_losses: list[float]
+    val_losses: list[tuple[int, float]]
+    tokens_per_s: float
+    wall_s: float
+    trainable: TrainableReport
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.train_losses[-1]
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_losses[-1][1] if self.val_losses else None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    """Create OUTPUT_DIR/RUN_NAME; refuse to reuse a named folder that already holds a run."""
+    name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if cfg.run_name:
+            raise DesktuneError("the run folder already holds a run", where=str(run_dir),
+                                fix="choose another run_name (-o run_name=...) or move the old run away")
+        run_dir = Path(f"{run_dir}-{time.time_ns() % 10**6}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise DesktuneError(f"cannot write the run folder ({e.strerror or e})", where=str(run_dir),
+                            fix="choose a writable output_dir (-o output_dir=...)") from None
+    return run_dir
+
+
+def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False) -> Run:
+    """Resolve hardware, load the base, attach adapters and encode the data; nothing has trained yet."""
+    console = console or Console(stderr=True)
+    hw = detect(cfg.train.device, cfg.model.dtype)
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    run_dir = make_run_dir(cfg)
+    dump_config(cfg, run_dir / "config.yaml")
+    if not quiet:
+        console.print(f"run folder: [bold]{run_dir}[/]  device: {hw.name}  precision: {str(hw.dtype)[6:]}")
+    loaded = load_model(cfg.model, hw)
+    resolve_chat_template(loaded.tokenizer, cfg.model.chat_template)
+    seed_everything(cfg.train.seed)  # adapter initialisation depends only on the seed
+    model = attach_lora(loaded.model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    report = trainable_report(model)
+    train_set, val_set, stats = build_datasets(cfg.data, loaded.tokenizer, cfg.train.seed)
+    if not quiet:
+        console.print(f"base: {loaded.base_path}  quantization: {loaded.quant_backend}")
+        console.print(str(report))
+        console.print(f"data: {stats.summary()}")
+        for note in stats.notes:
+            console.print(f"note: {note}")
+    return Run(cfg=cfg, run_dir=run_dir, loaded=loaded, model=model, train_set=train_set, val_set=val_set,
+               data_stats=stats, trainable=report, console=console, quiet=quiet)
+
+
+def example_stream(n: int, seed: int, shuffle: bool) -> Iterator[int]:
+    """Sample indices epoch after epoch, each epoch in its own seeded order."""
+    epoch = 0
+    while True:
+        if shuffle:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            yield from torch.randperm(n, generator=g).tolist()
+        else:
+            yield from range(n)
+        epoch += 1
+
+
+def target_count(examples: list[Example]) -> int:
+    """Positions that are trained on (labels shifted by one, as the loss sees them)."""
+    return sum(sum(1 for t in ex.labels[1:] if t != -100) for ex in examples)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validation_loss(model: Any, examples: list[Example], micro_batch_size: int, pad_id: int,
+                    device: torch.device) -> tuple[float, int]:
+    """Mean cross-entropy per target token over a dataset (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch_size):
+        b = _to_device(collate(examples[i : i + micro_batch_size], pad_id), device)
+        s, n = target_ce_sum(model, b["input_ids"], b["labels"], b["attention_mask"])
+        total += float(s)
+        count += n
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    """Optimizer steps of the run: max_steps, else epochs x samples / effective batch (rounded up)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
+    return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
+
+
+def fit(run: Run) -> RunResult:
+    """Train the adapters of a prepared run and save them; returns what was measured."""
+    cfg, model, device = run.cfg, run.model, run.loaded.hardware.device
+    tcfg = cfg.train
+    pad_id = run.loaded.tokenizer.pad_token_id
+    steps = total_steps(cfg, len(run.train_set))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, tcfg, device)
+    scheduler = make_scheduler(optimizer, tcfg, steps)
+    stream = example_stream(len(run.train_set), tcfg.seed, cfg.data.shuffle)
+    per_step = tcfg.micro_batch_size * tcfg.grad_accum
+    meta = {"desktune_version": __version__, "base_model": run.loaded.base_path, "quant": cfg.model.quant,
+            "quant_backend": run.loaded.quant_backend, "dtype": str(run.loaded.hardware.dtype)[6:]}
+    ckpt_dir = run.run_dir / "checkpoints"
+    train_losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
+    tokens_seen, train_time = 0, 0.0
+    wall0 = time.perf_counter()
+
+    with Monitor(run.run_dir, steps, run.console, quiet=run.quiet) as mon:
+        stats = run.data_stats
+        if stats.n_truncated:
+            mon.event(f"{stats.n_truncated} sample(s) longer than max_seq_len={cfg.data.max_seq_len} were truncated",
+                      truncated=stats.n_truncated)
+        if stats.n_dropped:
+            mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped",
+                      dropped=stats.n_dropped)
+        if run.val_set:
+            v, n = validation_loss(model, run.val_set, tcfg.micro_batch_size, pad_id, device)
+            val_losses.append((0, v))
+            mon.eval(0, v, n)
+        model.train()
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            examples = [run.train_set[next(stream)] for _ in range(per_step)]
+            n_targets = target_count(examples)
+            loss_sum, step_tokens = 0.0, 0
+            for i in range(0, per_step, tcfg.micro_batch_size):
+                batch = _to_device(collate(examples[i : i + tcfg.micro_batch_size], pad_id), device)
+                s, _ = target_ce_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+                # normalise by the target tokens of the whole accumulated batch: any micro-batch split is exact
+                (s / max(n_targets, 1)).backward()
+                loss_sum += float(s.detach())
+                step_tokens += int(batch["attention_mask"].sum())
+            clip = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tokens_seen += step_tokens
+            loss = loss_sum / max(n_targets, 1)
+            train_losses.append(loss)
+            mon.step(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step_tokens, target_tokens=n_targets,
+                     tokens_per_s=step_tokens / dt, mem_bytes=memory_in_use(device), step_s=round(dt, 4),
+                     epoch=round(step * per_step / len(run.train_set), 4))
+            if run.val_set and tcfg.eval_every and step % tcfg.eval_every == 0 and step != steps:
+                v, n = validation_loss(model, run.val_set, tcfg.micro_batch_size, pad_id, device)
+                val_losses.append((step, v))
+                mon.eval(step, v, n)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != steps:
+                out = save_adapter(model, run.loaded.tokenizer, ckpt_dir / f"step-{step:06d}",
+                                   base_path=run.loaded.base_path, meta={**meta, "step": step})
+                prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last)
+                mon.record("checkpoint", step=step, path=str(out))
+        if run.val_set:
+            v, n = validation_loss(model, run.val_set, tcfg.micro_batch_size, pad_id, device)
+            val_losses.append((steps, v))
+            mon.eval(steps, v, n)
+        adapter_dir = save_adapter(model, run.loaded.tokenizer, run.run_dir / "adapter",
+                                   base_path=run.loaded.base_path, meta={**meta, "step": steps})
+        size = adapter_size(adapter_dir)
+        mon.record("saved", step=steps, path=str(adapter_dir), adapter_bytes=size)
+        mon.print(f"adapter saved: [bold]{adapter_dir}[/] ({human_bytes(size)})")
+    return RunResult(run_dir=run.run_dir, adapter_dir=adapter_dir, adapter_bytes=size, steps=steps,
+                     train_losses=train_losses, val_losses=val_losses,
+                     tokens_per_s=tokens_seen / max(train_time, 1e-9), wall_s=time.perf_counter() - wall0,
+                     trainable=run.trainable)
+
+
+def train(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False) -> RunResult:
+    """Set up and run one fine-tuning run."""
+    return fit(setup(cfg, console=console, quiet=quiet))

@@ -1,0 +1,38 @@
+"""Optimizer and learning-rate schedule for the trainable (adapter) parameters."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from desktune.config import TrainConfig
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> Any:
+    """AdamW (torch), or bitsandbytes 8-bit / paged AdamW; paged falls back to unpaged off CUDA."""
+    params = [p for p in params if p.requires_grad]
+    kw = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }[cfg.optimizer]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "paged optimizers need CUDA; falling back" on CPU/MPS is expected
+        return cls(params, **kw)
+
+
+def make_scheduler(optimizer: Any, cfg: TrainConfig, total_steps: int) -> Any:
+    """Warmup then cosine, linear or constant learning rate (transformers' schedules)."""
+    from transformers import get_scheduler
+
+    warmup = round(cfg.warmup_ratio * total_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
