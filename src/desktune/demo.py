@@ -15,6 +15,8 @@ from desktune.generate import replies
 from desktune.hardware import human_bytes
 from desktune.train.loop import RunResult, fit, setup
 
+REPETITION_PENALTY = 1.15  # greedy decoding of a 135M model loops without it; same setting for base and tuned
+
 
 def examples_dir() -> Path:
     """The examples folder: inside an installed wheel, else the source checkout's."""
@@ -60,11 +62,13 @@ def run_demo(output_dir: Path = Path("runs"), max_steps: int | None = None,
     console.print("answering the held-out prompts with the base model ...")
     run.model.eval()
     with run.model.disable_adapter():
-        before = replies(run.model, run.loaded.tokenizer, conversations, max_new_tokens=max_new_tokens)
+        before = replies(run.model, run.loaded.tokenizer, conversations, max_new_tokens=max_new_tokens,
+                         repetition_penalty=REPETITION_PENALTY)
     result = fit(run)
     console.print("answering the same prompts with the tuned model ...")
     run.model.eval()
-    after = replies(run.model, run.loaded.tokenizer, conversations, max_new_tokens=max_new_tokens)
+    after = replies(run.model, run.loaded.tokenizer, conversations, max_new_tokens=max_new_tokens,
+                    repetition_penalty=REPETITION_PENALTY)
     wall = time.perf_counter() - t0
     (result.run_dir / "demo_answers.json").write_text(
         json.dumps([{"prompt": p, "base": b, "tuned": a} for p, b, a in zip(prompts, before, after, strict=True)],

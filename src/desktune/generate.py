@@ -62,7 +62,7 @@ def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], *, max_new
 
 @torch.no_grad()
 def replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 96,
-            batch_size: int = 8) -> list[str]:
+            batch_size: int = 8, repetition_penalty: float = 1.0) -> list[str]:
     """Greedy answers to several conversations, generated in left-padded batches (much faster on a CPU)."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
@@ -74,7 +74,8 @@ def replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]
                      for c in conversations[i : i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                 repetition_penalty=repetition_penalty)
             width = enc["input_ids"].shape[1]
             answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     finally:
