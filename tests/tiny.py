@@ -41,7 +41,7 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_model_dir(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def make_model_dir(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, init_std: float = 0.02) -> Path:
     """Save a tiny random Llama with the tiny tokenizer to `path` and return it."""
     tok = make_tokenizer()
     torch.manual_seed(seed)
@@ -49,10 +49,46 @@ def make_model_dir(path: Path, *, hidden: int = 64, layers: int = 2, seed: int =
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=init_std,
     )
     model = LlamaForCausalLM(cfg)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def write_chat_data(path: Path, n: int = 24, *, seed: int = 0) -> Path:
+    """A small messages-format JSONL teaching a fixed reply style."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    topics = ["the sea", "the fox", "paris", "the dog", "the world", "today", "you", "france"]
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            topic = rng.choice(topics)
+            user = f"what is {topic}? {i}"
+            answer = f"ahoy matey! {topic} is fine. fair winds!"
+            f.write(json.dumps({"messages": [{"role": "user", "content": user},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def tiny_config(model_dir: Path, tmp_path: Path, **sections: dict) -> dict:
+    """A raw run config for the tiny model: fp32, no dropout, a few steps."""
+    data = write_chat_data(tmp_path / "train.jsonl")
+    cfg = {
+        "model": {"name": str(model_dir), "dtype": "fp32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": str(data), "val_fraction": 0.2, "max_seq_len": 64},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_ratio": 0.0,
+                  "threads": 1},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
+    return cfg

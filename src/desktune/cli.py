@@ -22,7 +22,7 @@ app = typer.Typer(
     help="Fine-tune open LLMs with LoRA/QLoRA on the hardware you have: one GPU, a laptop, or a CPU.",
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error message, one line: easy to read and to grep
 
 ModelOpt = Annotated[
     str | None,

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from desktune import cli
+from tests.tiny import tiny_config
+
+VERBS = ["demo", "train", "chat", "generate", "merge"]
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Call the real entry point in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["desktune", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_useful_help(verb):
+    result = CliRunner().invoke(cli.app, [verb, "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    assert len(result.output) > 300
+    if verb != "demo":
+        assert "Example:" in result.output or "example" in result.output.lower()
+
+
+def _config(tmp_path: Path, tiny_model_dir: Path, **sections) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, tmp_path, **sections)))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        (lambda tmp, m: ["train", str(tmp / "nope.yaml")], "nope.yaml: config file not found"),
+        (lambda tmp, m: ["train", str(_config(tmp, m)), "-o", "train.lrr=1"], "did you mean 'train.lr'?"),
+        (lambda tmp, m: ["train", str(_config(tmp, m)), "-o", "lora.r=0"], "'lora.r': Input should be greater than 0"),
+        (lambda tmp, m: ["generate", "hi", "--adapter", str(tmp)], "no adapter_config.json here"),
+        (lambda tmp, m: ["merge", str(tmp / "no-adapter"), "-o", str(tmp / "m")], "adapter folder not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_message(monkeypatch, capsys, tmp_path, tiny_model_dir, setup, expected):
+    code, out, err = run_main(monkeypatch, capsys, *setup(tmp_path, tiny_model_dir))
+    assert code == 2
+    assert "error:" in err and expected in " ".join(err.split())
+    assert "Traceback" not in out + err
+
+
+def test_malformed_data_line_names_file_and_line(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    data = Path(yaml.safe_load(cfg.read_text())["data"]["train"])
+    lines = data.read_text().splitlines()
+    lines[4] = '{"messages": [{"role": "user", "content": "hi"}'
+    data.write_text("\n".join(lines) + "\n")
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg))
+    assert code == 2
+    assert f"{data}:5" in err
+    assert "invalid JSON" in err and "Traceback" not in err
+
+
+def test_train_then_generate_and_chat(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, run_name="cli", train={"max_steps": 2})
+    code, out, err = run_main(monkeypatch, capsys, "train", str(cfg), "-o", "train.max_steps=3", "--quiet")
+    assert code == 0, err
+    assert "done: 3 steps" in out
+    adapter = tmp_path / "runs" / "cli" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    code, out, err = run_main(monkeypatch, capsys, "generate", "what is the sea?", "--adapter", str(adapter),
+                              "--max-new-tokens", "5", "--dtype", "fp32")
+    assert code == 0, err
+    assert out.strip()  # streamed text
+    result = CliRunner().invoke(cli.app, ["chat", "--adapter", str(adapter), "--max-new-tokens", "4",
+                                          "--temperature", "0", "--dtype", "fp32"], input="hello\n/reset\nhi\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("assistant> ") == 2
+    code, out, err = run_main(monkeypatch, capsys, "merge", str(adapter), "-o", str(tmp_path / "merged"))
+    assert code == 0, err
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_console_script_entry_point(tmp_path):
+    """The installed command itself: a user error prints one message, exit code 2, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "desktune.cli", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "config file not found" in proc.stderr and "Traceback" not in proc.stderr
