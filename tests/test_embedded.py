@@ -29,7 +29,7 @@ def test_demo_teaches_the_persona(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from desktune.demo import run_demo
+    from desktune.demo_run import run_demo
 
     result, before, after = run_demo(output_dir=tmp_path / "runs", console=Console(width=160, record=True))
     tuned = sum(a.startswith("Ahoy, matey!") for a in after)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from desktune.config import load_config
 from desktune.errors import DesktuneError
 from desktune.export.merge import merge_adapter
-from desktune.train.loop import train
+from desktune.training.loop import train
 from tests.tiny import tiny_config
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 8, 120, 7]])

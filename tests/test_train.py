@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from desktune.config import load_config
 from desktune.errors import DesktuneError
-from desktune.train.loop import train
-from desktune.train.monitor import read_metrics
+from desktune.training.loop import train
+from desktune.training.monitor import read_metrics
 from tests.tiny import tiny_config
 
 
@@ -68,7 +68,7 @@ def test_adapter_loads_with_plain_peft_and_matches(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from desktune.generate import load_for_inference
+    from desktune.inference import load_for_inference
 
     result = train(load_config(tiny_config(tiny_model_dir, tmp_path, train={"max_steps": 3})), quiet=True)
     ids = torch.tensor([[3, 17, 42, 99, 5, 8]])
@@ -98,6 +98,8 @@ def test_bitsandbytes_optimizers_step(tiny_model_dir, tmp_path, optimizer):
     raw = tiny_config(tiny_model_dir, tmp_path, train={"max_steps": 2, "optimizer": optimizer})
     result = train(load_config(raw), quiet=True)
     assert all(v.abs().max() > 0 for k, v in _adapter(result).items() if "lora_B" in k)
+    events = [r["message"] for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "event"]
+    assert any("needs CUDA; using adamw_8bit" in m for m in events) == optimizer.startswith("paged")
 
 
 def test_qlora_trains_on_cpu_with_exact_backend(tiny_model_dir, tmp_path):

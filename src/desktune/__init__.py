@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
     from desktune.config import RunConfig
-    from desktune.train.loop import RunResult
+    from desktune.training.loop import RunResult
 
 __all__ = ["DesktuneError", "RunConfig", "demo", "generate", "load_config", "merge", "train"]
 
@@ -39,7 +39,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
           quiet: bool = False) -> RunResult:
     """Train an adapter; returns the RunResult (run_dir, adapter_dir, losses, tokens/s)."""
     from desktune.config import load_config as _load
-    from desktune.train.loop import train as _train
+    from desktune.training.loop import train as _train
 
     return _train(_load(config, overrides), quiet=quiet)
 
@@ -47,7 +47,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
 def generate(prompt: str, *, model: str | None = None, adapter: str | Path | None = None,
              max_new_tokens: int = 256, temperature: float = 0.0, system: str | None = None) -> str:
     """One answer to a prompt, with or without an adapter (base: the adapter's own, else the embedded model)."""
-    from desktune.generate import load_for_inference, reply
+    from desktune.inference import load_for_inference, reply
 
     loaded = load_for_inference(model, adapter)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -63,6 +63,6 @@ def merge(adapter: str | Path, output: str | Path, *, model: str | None = None, 
 
 def demo(output_dir: str | Path = "runs", max_steps: int | None = None) -> RunResult:
     """Run the demo (embedded model, demo data) and return its RunResult."""
-    from desktune.demo import run_demo
+    from desktune.demo_run import run_demo
 
     return run_demo(Path(output_dir), max_steps)[0]

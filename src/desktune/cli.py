@@ -48,7 +48,7 @@ def demo(
     prompts, trains a LoRA adapter (train and validation loss shown as they fall), answers again, and prints
     where the adapter was saved and its size.
     """
-    from desktune.demo import run_demo
+    from desktune.demo_run import run_demo
 
     run_demo(output_dir=output_dir, max_steps=max_steps, console=out)
 
@@ -72,7 +72,7 @@ def train(
     Example: desktune train examples/demo.yaml -o train.max_steps=20 -o lora.r=8
     """
     from desktune.config import load_config
-    from desktune.train.loop import train as run_train
+    from desktune.training.loop import train as run_train
 
     cfg = load_config(config, override or [])
     result = run_train(cfg, console=out, quiet=quiet)
@@ -97,7 +97,7 @@ def generate(
 
     Example: desktune generate "Who are you?" --adapter runs/demo/adapter
     """
-    from desktune.generate import load_for_inference, reply
+    from desktune.inference import load_for_inference, reply
 
     loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -122,7 +122,7 @@ def chat(
     Type a message and press Enter; /reset clears the conversation, /exit (or Ctrl-D) leaves.
     Example: desktune chat --adapter runs/demo/adapter
     """
-    from desktune.generate import load_for_inference, reply
+    from desktune.inference import load_for_inference, reply
 
     loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,14 +18,22 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, devic
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
     import bitsandbytes as bnb
 
+    name = effective_optimizer(cfg.optimizer, device)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kw)
     cls = {
         "adamw_8bit": bnb.optim.AdamW8bit,
         "paged_adamw": bnb.optim.PagedAdamW,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-    }[cfg.optimizer]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "paged optimizers need CUDA; falling back" on CPU/MPS is expected
-        return cls(params, **kw)
+    }[name]
+    return cls(params, **kw)
+
+
+def effective_optimizer(name: str, device: torch.device) -> str:
+    """Paging moves optimizer state to CPU memory under GPU pressure; off CUDA the unpaged twin is used."""
+    if device.type != "cuda" and name.startswith("paged_"):
+        return {"paged_adamw": "adamw", "paged_adamw_8bit": "adamw_8bit"}[name]
+    return name
 
 
 def make_scheduler(optimizer: Any, cfg: TrainConfig, total_steps: int) -> Any:

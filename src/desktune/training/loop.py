@@ -22,10 +22,10 @@ from desktune.data import Example, build_datasets, collate, resolve_chat_templat
 from desktune.errors import DesktuneError
 from desktune.hardware import detect, human_bytes, memory_in_use, set_threads
 from desktune.models.loading import LoadedModel, load_model
-from desktune.train.checkpoint import adapter_size, prune_checkpoints, save_adapter
-from desktune.train.loss import target_ce_sum
-from desktune.train.monitor import Monitor
-from desktune.train.optim import make_optimizer, make_scheduler
+from desktune.training.checkpoint import adapter_size, prune_checkpoints, save_adapter
+from desktune.training.loss import target_ce_sum
+from desktune.training.monitor import Monitor
+from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler
 
 
 @dataclass
@@ -193,6 +193,9 @@ def fit(run: Run) -> RunResult:
         if stats.n_dropped:
             mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped",
                       dropped=stats.n_dropped)
+        if effective_optimizer(tcfg.optimizer, device) != tcfg.optimizer:
+            mon.event(f"{tcfg.optimizer} needs CUDA; using {effective_optimizer(tcfg.optimizer, device)} on "
+                      f"{device.type}", optimizer=effective_optimizer(tcfg.optimizer, device))
         if run.val_set:
             v, n = validation_loss(model, run.val_set, tcfg.micro_batch_size, pad_id, device)
             val_losses.append((0, v))

@@ -11,9 +11,9 @@ from rich.table import Table
 
 from desktune.config import load_config
 from desktune.errors import DesktuneError
-from desktune.generate import replies
 from desktune.hardware import human_bytes
-from desktune.train.loop import RunResult, fit, setup
+from desktune.inference import replies
+from desktune.training.loop import RunResult, fit, setup
 
 REPETITION_PENALTY = 1.15  # greedy decoding of a 135M model loops without it; same setting for base and tuned
 
