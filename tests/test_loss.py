@@ -54,6 +54,15 @@ def test_chunked_gradients_equal_plain(tiny_model_dir, monkeypatch):
         torch.testing.assert_close(g_chunked[k], g_whole[k], rtol=1e-4, atol=1e-6)
 
 
+def test_full_logits_path_equals_chunked(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    b = _batch()
+    full, n_full = target_ce_sum(model, b["input_ids"], b["labels"], b["attention_mask"], chunked=False)
+    part, n_part = target_ce_sum(model, b["input_ids"], b["labels"], b["attention_mask"])
+    assert n_full == n_part
+    torch.testing.assert_close(full, part, rtol=1e-5, atol=1e-5)
+
+
 def test_no_targets_gives_zero_with_graph(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7]])

@@ -135,3 +135,43 @@ def test_unknown_target_module_lists_valid_ones(tiny_model_dir, tmp_path):
         train(load_config(raw), quiet=True)
     msg = str(e.value)
     assert "lora.target_modules" in msg and "did you mean 'q_proj'" in msg and "gate_proj" in msg
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder left
+
+
+def test_oom_recovery_ends_with_the_small_micro_batch_adapter(tiny_model_dir, tmp_path):
+    """An OOM in step 2 halves the micro-batch and redoes the step: same adapter as micro-batch 2 from the start."""
+    from desktune.training.loop import fit, setup
+
+    def oom_at_step_2(step: int, micro: int) -> None:
+        if step == 2 and micro == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    raw = tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4},
+                      run_name="oom")
+    run = setup(load_config(raw), quiet=True)
+    run.fault_hook = oom_at_step_2
+    recovered = fit(run)
+    events = [r for r in read_metrics(recovered.run_dir / "metrics.jsonl") if r["type"] == "event"]
+    oom = [e for e in events if e.get("name") == "oom_recovery"]
+    assert len(oom) == 1 and oom[0]["step"] == 2 and oom[0]["micro_batch_size"] == 2 and oom[0]["grad_accum"] == 2
+    steps = [r["step"] for r in read_metrics(recovered.run_dir / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4]  # the step was redone, not skipped
+
+    raw = tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 2, "grad_accum": 2, "max_steps": 4},
+                      run_name="small")
+    reference = train(load_config(raw), quiet=True)
+    a, b = _adapter(recovered), _adapter(reference)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_oom_at_micro_batch_1_is_a_clear_error(tiny_model_dir, tmp_path):
+    from desktune.training.loop import fit, setup
+
+    def always_oom(step: int, micro: int) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+
+    run = setup(load_config(tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 2})), quiet=True)
+    run.fault_hook = always_oom
+    with pytest.raises(DesktuneError, match="even with micro-batch 1"):
+        fit(run)

@@ -47,11 +47,11 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
 def generate(prompt: str, *, model: str | None = None, adapter: str | Path | None = None,
              max_new_tokens: int = 256, temperature: float = 0.0, system: str | None = None) -> str:
     """One answer to a prompt, with or without an adapter (base: the adapter's own, else the embedded model)."""
-    from desktune.inference import load_for_inference, reply
+    from desktune.inference import conversation, load_for_inference, reply
 
     loaded = load_for_inference(model, adapter)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return reply(loaded.model, loaded.tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+    return reply(loaded.model, loaded.tokenizer, conversation(prompt, system), max_new_tokens=max_new_tokens,
+                 temperature=temperature)
 
 
 def merge(adapter: str | Path, output: str | Path, *, model: str | None = None, dtype: str = "bf16") -> Path:

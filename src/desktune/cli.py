@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 
@@ -32,9 +33,13 @@ ModelOpt = Annotated[
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder (a run's adapter/ or a checkpoint).")
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")]
-QuantOpt = Annotated[str, typer.Option("--quant", help="Load the base as none, nf4 or int8.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", click_type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                                       help="Compute precision.")]
+QuantOpt = Annotated[str, typer.Option("--quant", click_type=click.Choice(["none", "nf4", "int8"]),
+                                       help="Load the base in 4-bit NF4 or 8-bit.")]
+DeviceOpt = Annotated[str, typer.Option("--device", click_type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+                                        help="Where to run.")]
+SystemOpt = Annotated[str | None, typer.Option(help="A system message.")]
 
 
 @app.command()
@@ -86,7 +91,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
-    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    system: SystemOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     dtype: DtypeOpt = "auto",
@@ -97,12 +102,11 @@ def generate(
 
     Example: desktune generate "Who are you?" --adapter runs/demo/adapter
     """
-    from desktune.inference import load_for_inference, reply
+    from desktune.inference import conversation, load_for_inference, reply
 
     loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    reply(loaded.model, loaded.tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
-          on_text=lambda t: print(t, end="", flush=True))
+    reply(loaded.model, loaded.tokenizer, conversation(prompt, system), max_new_tokens=max_new_tokens,
+          temperature=temperature, on_text=lambda t: print(t, end="", flush=True))
     print()
 
 
@@ -110,7 +114,7 @@ def generate(
 def chat(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
-    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    system: SystemOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.7,
     dtype: DtypeOpt = "auto",
@@ -122,10 +126,10 @@ def chat(
     Type a message and press Enter; /reset clears the conversation, /exit (or Ctrl-D) leaves.
     Example: desktune chat --adapter runs/demo/adapter
     """
-    from desktune.inference import load_for_inference, reply
+    from desktune.inference import conversation, load_for_inference, reply
 
     loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    history = conversation(None, system)
     start = len(history)
     err.print("[dim]chat ready: /reset clears, /exit leaves[/]")
     while True:

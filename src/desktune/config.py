@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,10 +84,40 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
     gradient_checkpointing: bool = False
+    chunked_loss: bool = Field(
+        True, description="Cross-entropy from hidden states in chunks, target tokens only (false: full logits)."
+    )
     seed: int = 42
     eval_every: int | None = Field(None, gt=0, description="Validation every N steps (always at the end).")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    memory_budget: str | None = Field(
+        None, description="Fit micro-batch/accumulation/checkpointing to this memory (e.g. 24GB, 8GiB, auto: free "
+        "device memory) before loading; refuse to start when nothing fits.",
+    )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).")
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: object) -> object:
+        if isinstance(v, int | float):
+            v = str(v)
+        if isinstance(v, str) and v != "auto":
+            parse_size(v)
+        return v
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """'24GB' -> 24e9 bytes, '8GiB' / '8G' -> 8 * 2**30; a bare number is bytes."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"'{text}' is not a size (examples: 24GB, 8GiB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 class CheckpointConfig(_Strict):

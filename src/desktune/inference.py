@@ -29,6 +29,12 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
     return loaded
 
 
+def conversation(prompt: str | None, system: str | None = None) -> list[dict[str, str]]:
+    """Messages for an optional system message and an optional first user message."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + ([{"role": "user", "content": prompt}] if prompt is not None else [])
+
+
 def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
     from transformers import TextStreamer
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import random
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +22,7 @@ from desktune.adapters import TrainableReport, attach_lora, trainable_report
 from desktune.config import RunConfig, dump_config
 from desktune.data import Example, build_datasets, collate, resolve_chat_template
 from desktune.errors import DesktuneError
-from desktune.hardware import detect, human_bytes, memory_in_use, set_threads
+from desktune.hardware import Hardware, detect, human_bytes, memory_in_use, set_threads
 from desktune.models.loading import LoadedModel, load_model
 from desktune.training.checkpoint import adapter_size, prune_checkpoints, save_adapter
 from desktune.training.loss import target_ce_sum
@@ -42,6 +44,7 @@ class Run:
     trainable: TrainableReport
     console: Console
     quiet: bool = False
+    fault_hook: Callable[[int, int], None] | None = None  # tests inject faults here: (step, micro_batch_size)
 
 
 @dataclass
@@ -105,6 +108,16 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
     dump_config(cfg, run_dir / "config.yaml")
     if not quiet:
         console.print(f"run folder: [bold]{run_dir}[/]  device: {hw.name}  precision: {str(hw.dtype)[6:]}")
+    try:
+        return _prepare(cfg, run_dir, hw, console, quiet)
+    except DesktuneError:
+        if [p.name for p in run_dir.iterdir()] == ["config.yaml"]:  # nothing trained: leave no empty run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quiet: bool) -> Run:
+    """Model, adapters and data of a run whose folder exists."""
     loaded = load_model(cfg.model, hw)
     resolve_chat_template(loaded.tokenizer, cfg.model.chat_template)
     seed_everything(cfg.train.seed)  # adapter initialisation depends only on the seed
@@ -135,7 +148,7 @@ def example_stream(n: int, seed: int, shuffle: bool) -> Iterator[int]:
 
 def target_count(examples: list[Example]) -> int:
     """Positions that are trained on (labels shifted by one, as the loss sees them)."""
-    return sum(sum(1 for t in ex.labels[1:] if t != -100) for ex in examples)
+    return sum(ex.n_target for ex in examples)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -158,6 +171,41 @@ def validation_loss(model: Any, examples: list[Example], micro_batch_size: int, 
     return (total / count if count else float("nan")), count
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA/MPS allocator OOM or a failed CPU allocation."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what the failed step left behind and return cached blocks to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def accumulate_gradients(run: Run, examples: list[Example], micro: int, n_targets: int,
+                         step: int) -> tuple[float, int]:
+    """Forward and backward over one step's samples in micro-batches; returns (summed loss, tokens seen)."""
+    device, pad_id = run.loaded.hardware.device, run.loaded.tokenizer.pad_token_id
+    loss_sum, tokens = 0.0, 0
+    for i in range(0, len(examples), micro):
+        if run.fault_hook is not None:
+            run.fault_hook(step, micro)
+        batch = _to_device(collate(examples[i : i + micro], pad_id), device)
+        s, _ = target_ce_sum(run.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                             chunked=run.cfg.train.chunked_loss)
+        # normalise by the target tokens of the whole accumulated batch: any micro-batch split is exact
+        (s / max(n_targets, 1)).backward()
+        loss_sum += float(s.detach())
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
 def total_steps(cfg: RunConfig, n_train: int) -> int:
     """Optimizer steps of the run: max_steps, else epochs x samples / effective batch (rounded up)."""
     if cfg.train.max_steps:
@@ -177,6 +225,7 @@ def fit(run: Run) -> RunResult:
     scheduler = make_scheduler(optimizer, tcfg, steps)
     stream = example_stream(len(run.train_set), tcfg.seed, cfg.data.shuffle)
     per_step = tcfg.micro_batch_size * tcfg.grad_accum
+    micro = tcfg.micro_batch_size  # halved by OOM recovery; the samples per step never change
     meta = {"desktune_version": __version__, "base_model": run.loaded.base_path, "quant": cfg.model.quant,
             "quant_backend": run.loaded.quant_backend, "dtype": str(run.loaded.hardware.dtype)[6:]}
     ckpt_dir = run.run_dir / "checkpoints"
@@ -205,14 +254,26 @@ def fit(run: Run) -> RunResult:
             t0 = time.perf_counter()
             examples = [run.train_set[next(stream)] for _ in range(per_step)]
             n_targets = target_count(examples)
-            loss_sum, step_tokens = 0.0, 0
-            for i in range(0, per_step, tcfg.micro_batch_size):
-                batch = _to_device(collate(examples[i : i + tcfg.micro_batch_size], pad_id), device)
-                s, _ = target_ce_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-                # normalise by the target tokens of the whole accumulated batch: any micro-batch split is exact
-                (s / max(n_targets, 1)).backward()
-                loss_sum += float(s.detach())
-                step_tokens += int(batch["attention_mask"].sum())
+            while True:
+                try:
+                    loss_sum, step_tokens = accumulate_gradients(run, examples, micro, n_targets, step)
+                    break
+                except Exception as e:  # an OOM mid-step: halve the micro-batch, keep the samples, redo the step
+                    if not is_out_of_memory(e):
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    del e
+                    free_memory(device)
+                    if micro == 1:
+                        raise DesktuneError(
+                            f"out of memory at step {step} even with micro-batch 1", where="train.micro_batch_size",
+                            fix="turn on train.gradient_checkpointing, lower data.max_seq_len, or load the base "
+                            "with model.quant: nf4 (saved checkpoints are kept)") from None
+                    old, micro = micro, micro // 2
+                    mon.event(f"out of memory at step {step}: micro-batch {old} -> {micro}, accumulation "
+                              f"{math.ceil(per_step / old)} -> {math.ceil(per_step / micro)}; redoing the step",
+                              name="oom_recovery", step=step, micro_batch_size=micro,
+                              grad_accum=math.ceil(per_step / micro))
             clip = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             lr = scheduler.get_last_lr()[0]
@@ -228,7 +289,7 @@ def fit(run: Run) -> RunResult:
                      tokens_per_s=step_tokens / dt, mem_bytes=memory_in_use(device), step_s=round(dt, 4),
                      epoch=round(step * per_step / len(run.train_set), 4))
             if run.val_set and tcfg.eval_every and step % tcfg.eval_every == 0 and step != steps:
-                v, n = validation_loss(model, run.val_set, tcfg.micro_batch_size, pad_id, device)
+                v, n = validation_loss(model, run.val_set, micro, pad_id, device)
                 val_losses.append((step, v))
                 mon.eval(step, v, n)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != steps:
@@ -237,7 +298,7 @@ def fit(run: Run) -> RunResult:
                 prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last)
                 mon.record("checkpoint", step=step, path=str(out))
         if run.val_set:
-            v, n = validation_loss(model, run.val_set, tcfg.micro_batch_size, pad_id, device)
+            v, n = validation_loss(model, run.val_set, micro, pad_id, device)
             val_losses.append((steps, v))
             mon.eval(steps, v, n)
         adapter_dir = save_adapter(model, run.loaded.tokenizer, run.run_dir / "adapter",

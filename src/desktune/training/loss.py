@@ -27,9 +27,22 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, floa
     return base.get_decoder(), base.get_output_embeddings(), softcap
 
 
+def full_logits_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The standard path: full batch x seq x vocab logits from the model, then cross-entropy (for comparison)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, n
+
+
 def target_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                  attention_mask: torch.Tensor | None = None, *, chunked: bool = True) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over positions whose label is not IGNORE, and how many there are."""
+    if not chunked:
+        return full_logits_ce_sum(model, input_ids, labels, attention_mask)
     decoder, head, softcap = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
