@@ -95,3 +95,8 @@ def test_console_script_entry_point(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "config file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_choice_is_a_usage_error(monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "generate", "hi", "--dtype", "fp8")
+    assert code == 2 and "fp8" in err and "Traceback" not in out + err

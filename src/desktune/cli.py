@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 
@@ -33,12 +33,12 @@ ModelOpt = Annotated[
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder (a run's adapter/ or a checkpoint).")
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", click_type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-                                       help="Compute precision.")]
-QuantOpt = Annotated[str, typer.Option("--quant", click_type=click.Choice(["none", "nf4", "int8"]),
-                                       help="Load the base in 4-bit NF4 or 8-bit.")]
-DeviceOpt = Annotated[str, typer.Option("--device", click_type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-                                        help="Where to run.")]
+Dtype = Enum("Dtype", {v: v for v in ("auto", "bf16", "fp16", "fp32")}, type=str)
+Quant = Enum("Quant", {v: v for v in ("none", "nf4", "int8")}, type=str)
+Device = Enum("Device", {v: v for v in ("auto", "cpu", "cuda", "mps")}, type=str)
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute precision.")]
+QuantOpt = Annotated[Quant, typer.Option("--quant", help="Load the base in 4-bit NF4 or 8-bit.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run.")]
 SystemOpt = Annotated[str | None, typer.Option(help="A system message.")]
 
 
@@ -94,9 +94,9 @@ def generate(
     system: SystemOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
-    dtype: DtypeOpt = "auto",
-    quant: QuantOpt = "none",
-    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    quant: QuantOpt = Quant.none,
+    device: DeviceOpt = Device.auto,
 ) -> None:
     """Answer one prompt, streaming tokens, with or without an adapter.
 
@@ -104,7 +104,7 @@ def generate(
     """
     from desktune.inference import conversation, load_for_inference, reply
 
-    loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
+    loaded = load_for_inference(model, adapter, dtype=dtype.value, device=device.value, quant=quant.value)
     reply(loaded.model, loaded.tokenizer, conversation(prompt, system), max_new_tokens=max_new_tokens,
           temperature=temperature, on_text=lambda t: print(t, end="", flush=True))
     print()
@@ -117,9 +117,9 @@ def chat(
     system: SystemOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.7,
-    dtype: DtypeOpt = "auto",
-    quant: QuantOpt = "none",
-    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    quant: QuantOpt = Quant.none,
+    device: DeviceOpt = Device.auto,
 ) -> None:
     """Chat in the terminal with a model, with or without an adapter (answers stream as they are made).
 
@@ -128,7 +128,7 @@ def chat(
     """
     from desktune.inference import conversation, load_for_inference, reply
 
-    loaded = load_for_inference(model, adapter, dtype=dtype, device=device, quant=quant)
+    loaded = load_for_inference(model, adapter, dtype=dtype.value, device=device.value, quant=quant.value)
     history = conversation(None, system)
     start = len(history)
     err.print("[dim]chat ready: /reset clears, /exit leaves[/]")
