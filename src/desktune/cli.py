@@ -68,6 +68,14 @@ def train(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar (metrics.jsonl is still written).")
     ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue exactly from a checkpoint: alone, the latest checkpoint of the "
+                     "run (run_name) or of the newest run in output_dir; or a run folder / checkpoint path."),
+    ] = None,
+    accept_changes: Annotated[
+        bool, typer.Option("--accept-changes", help="Resume even though the config or data changed.")
+    ] = False,
 ) -> None:
     """Train a LoRA/QLoRA adapter as a YAML config describes.
 
@@ -78,9 +86,16 @@ def train(
     """
     from desktune.config import load_config
     from desktune.training.loop import train as run_train
+    from desktune.training.signals import TrainingInterrupted
 
     cfg = load_config(config, override or [])
-    result = run_train(cfg, console=out, quiet=quiet)
+    try:
+        result = run_train(cfg, console=out, quiet=quiet, resume=True if resume == LATEST else resume,
+                           accept_changes=accept_changes)
+    except TrainingInterrupted as stop:
+        err.print(f"stopped after step {stop.step}; checkpoint saved: {stop.checkpoint}\n"
+                  f"resume with: desktune train {config} --resume {Path(stop.checkpoint).parent.parent}")
+        raise typer.Exit(130) from None
     val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     out.print(f"done: {result.steps} steps, train loss {result.train_losses[0]:.4f} -> "
               f"{result.final_train_loss:.4f}{val}; {result.tokens_per_s:.0f} tokens/s")
@@ -172,8 +187,22 @@ def merge(
     out.print(f"merged model saved: [bold]{folder}[/]")
 
 
+LATEST = "latest"
+
+
+def _optional_resume_value(argv: list[str]) -> list[str]:
+    """`--resume` alone means the latest checkpoint: give it a value typer can parse."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, LATEST)
+            break
+    return out
+
+
 def main() -> None:
     """Entry point: user errors print one message and exit 2, never a traceback."""
+    sys.argv[1:] = _optional_resume_value(sys.argv[1:])
     try:
         app()
     except DesktuneError as e:

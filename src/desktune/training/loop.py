@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import set_peft_model_state_dict
 from rich.console import Console
+from safetensors.torch import load_file
 
 from desktune import __version__
 from desktune.adapters import TrainableReport, attach_lora, trainable_report
@@ -24,10 +26,28 @@ from desktune.data import Example, build_datasets, collate, resolve_chat_templat
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, detect, human_bytes, memory_in_use, set_threads
 from desktune.models.loading import LoadedModel, load_model
-from desktune.training.checkpoint import adapter_size, prune_checkpoints, save_adapter
+from desktune.training.checkpoint import (
+    ADAPTER_WEIGHTS,
+    adapter_size,
+    is_complete,
+    latest_checkpoint,
+    load_state,
+    prune_checkpoints,
+    save_adapter,
+    save_checkpoint,
+)
 from desktune.training.loss import target_ce_sum
 from desktune.training.monitor import Monitor
 from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler
+from desktune.training.resume import (
+    capture_rng,
+    check_compatible,
+    config_fingerprint,
+    data_fingerprint,
+    restore_rng,
+    truncate_metrics,
+)
+from desktune.training.signals import GracefulStop, TrainingInterrupted
 
 
 @dataclass
@@ -98,12 +118,21 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False) -> Run:
-    """Resolve hardware, load the base, attach adapters and encode the data; nothing has trained yet."""
+def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False,
+          existing: Path | None = None) -> Run:
+    """Resolve hardware, load the base, attach adapters and encode the data; nothing has trained yet.
+
+    `existing` reuses a run folder (to resume it) instead of making a new one.
+    """
     console = console or Console(stderr=True)
     hw = detect(cfg.train.device, cfg.model.dtype)
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
+    if existing is not None:
+        run_dir = existing
+        if not quiet:
+            console.print(f"resuming run folder: [bold]{run_dir}[/]")
+        return _prepare(cfg, run_dir, hw, console, quiet)
     run_dir = make_run_dir(cfg)
     dump_config(cfg, run_dir / "config.yaml")
     if not quiet:
@@ -134,15 +163,17 @@ def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quie
                data_stats=stats, trainable=report, console=console, quiet=quiet)
 
 
-def example_stream(n: int, seed: int, shuffle: bool) -> Iterator[int]:
-    """Sample indices epoch after epoch, each epoch in its own seeded order."""
-    epoch = 0
+def example_stream(n: int, seed: int, shuffle: bool, start: int = 0) -> Iterator[int]:
+    """Sample indices epoch after epoch, each epoch in its own seeded order, from sample number `start` on."""
+    epoch, offset = divmod(start, n)
     while True:
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            yield from torch.randperm(n, generator=g).tolist()
+            order = torch.randperm(n, generator=g).tolist()
         else:
-            yield from range(n)
+            order = list(range(n))
+        yield from order[offset:]
+        offset = 0
         epoch += 1
 
 
@@ -189,10 +220,13 @@ def free_memory(device: torch.device) -> None:
 
 
 def accumulate_gradients(run: Run, examples: list[Example], micro: int, n_targets: int,
-                         step: int) -> tuple[float, int]:
-    """Forward and backward over one step's samples in micro-batches; returns (summed loss, tokens seen)."""
+                         step: int) -> tuple[float, int, list[str]]:
+    """Forward and backward over one step's samples in micro-batches.
+
+    Returns the summed loss, the tokens seen, and the sources of samples in micro-batches with a non-finite loss.
+    """
     device, pad_id = run.loaded.hardware.device, run.loaded.tokenizer.pad_token_id
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, nonfinite = 0.0, 0, []
     for i in range(0, len(examples), micro):
         if run.fault_hook is not None:
             run.fault_hook(step, micro)
@@ -201,9 +235,12 @@ def accumulate_gradients(run: Run, examples: list[Example], micro: int, n_target
                              chunked=run.cfg.train.chunked_loss)
         # normalise by the target tokens of the whole accumulated batch: any micro-batch split is exact
         (s / max(n_targets, 1)).backward()
-        loss_sum += float(s.detach())
+        value = float(s.detach())
+        if not math.isfinite(value):
+            nonfinite += [ex.source for ex in examples[i : i + micro]]
+        loss_sum += value
         tokens += int(batch["attention_mask"].sum())
-    return loss_sum, tokens
+    return loss_sum, tokens, nonfinite
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
@@ -214,8 +251,25 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
 
 
-def fit(run: Run) -> RunResult:
-    """Train the adapters of a prepared run and save them; returns what was measured."""
+MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops with a diagnosis
+
+
+def _diagnose(run: Run, bad_sources: list[str], lr: float) -> str:
+    """Plain words for why losses or gradients keep going non-finite."""
+    reasons = []
+    if run.loaded.hardware.dtype == torch.float16:
+        reasons.append("fp16 overflow (use model.dtype: bf16 where supported, or fp32)")
+    if lr > 1e-3:
+        reasons.append(f"learning rate {lr:.1e} is high for LoRA (try train.lr: 2e-4)")
+    if bad_sources:
+        rows = sorted(set(bad_sources))
+        reasons.append(f"the loss was non-finite on batches holding {', '.join(rows[:6])}"
+                       + (f" (+{len(rows) - 6} more)" if len(rows) > 6 else "") + "; check those rows")
+    return "; ".join(reasons) or "gradients overflowed (try a lower train.lr or train.max_grad_norm)"
+
+
+def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -> RunResult:
+    """Train the adapters of a prepared run (from a checkpoint when `resume` is given) and save them."""
     cfg, model, device = run.cfg, run.model, run.loaded.hardware.device
     tcfg = cfg.train
     pad_id = run.loaded.tokenizer.pad_token_id
@@ -223,7 +277,6 @@ def fit(run: Run) -> RunResult:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tcfg, device)
     scheduler = make_scheduler(optimizer, tcfg, steps)
-    stream = example_stream(len(run.train_set), tcfg.seed, cfg.data.shuffle)
     per_step = tcfg.micro_batch_size * tcfg.grad_accum
     micro = tcfg.micro_batch_size  # halved by OOM recovery; the samples per step never change
     meta = {"desktune_version": __version__, "base_model": run.loaded.base_path, "quant": cfg.model.quant,
@@ -231,32 +284,50 @@ def fit(run: Run) -> RunResult:
     ckpt_dir = run.run_dir / "checkpoints"
     train_losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
-    tokens_seen, train_time = 0, 0.0
+    tokens_seen, train_time, start, bad_steps, bad_sources = 0, 0.0, 0, 0, []
     wall0 = time.perf_counter()
+    if resume is not None:
+        state = load_state(resume)
+        check_compatible(state, cfg, resume, accept_changes)
+        set_peft_model_state_dict(model, load_file(str(resume / ADAPTER_WEIGHTS)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, micro = state["step"], state["micro_batch_size"]
+        for r in truncate_metrics(run.run_dir / "metrics.jsonl", start):
+            if r["type"] == "train":
+                train_losses.append(r["loss"])
+            elif r["type"] == "eval":
+                val_losses.append((r["step"], r["val_loss"]))
+    stream = example_stream(len(run.train_set), tcfg.seed, cfg.data.shuffle, start=start * per_step)
 
-    with Monitor(run.run_dir, steps, run.console, quiet=run.quiet) as mon:
-        stats = run.data_stats
-        if stats.n_truncated:
-            mon.event(f"{stats.n_truncated} sample(s) longer than max_seq_len={cfg.data.max_seq_len} were truncated",
-                      truncated=stats.n_truncated)
-        if stats.n_dropped:
-            mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped",
-                      dropped=stats.n_dropped)
-        if effective_optimizer(tcfg.optimizer, device) != tcfg.optimizer:
-            mon.event(f"{tcfg.optimizer} needs CUDA; using {effective_optimizer(tcfg.optimizer, device)} on "
-                      f"{device.type}", optimizer=effective_optimizer(tcfg.optimizer, device))
-        if run.val_set:
-            v, n = validation_loss(model, run.val_set, tcfg.micro_batch_size, pad_id, device)
-            val_losses.append((0, v))
-            mon.eval(0, v, n)
+    def checkpoint(step: int) -> Path:
+        state = {"step": step, "micro_batch_size": micro, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "rng": capture_rng(),
+                 "config_fingerprint": config_fingerprint(cfg), "data_fingerprint": data_fingerprint(cfg)}
+        out = save_checkpoint(model, run.loaded.tokenizer, ckpt_dir / f"step-{step:06d}",
+                              base_path=run.loaded.base_path, meta={**meta, "step": step}, state=state)
+        prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last)
+        mon.record("checkpoint", step=step, path=str(out))
+        return out
+
+    with Monitor(run.run_dir, steps, run.console, quiet=run.quiet) as mon, GracefulStop() as stop:
+        if resume is not None:
+            restore_rng(state["rng"])
+            mon.event(f"resumed from {resume} at step {start}", name="resumed", step=start)
+        else:
+            _announce(run, mon, device)
+            if run.val_set:
+                v, n = validation_loss(model, run.val_set, micro, pad_id, device)
+                val_losses.append((0, v))
+                mon.eval(0, v, n)
         model.train()
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             examples = [run.train_set[next(stream)] for _ in range(per_step)]
             n_targets = target_count(examples)
             while True:
                 try:
-                    loss_sum, step_tokens = accumulate_gradients(run, examples, micro, n_targets, step)
+                    loss_sum, step_tokens, nonfinite = accumulate_gradients(run, examples, micro, n_targets, step)
                     break
                 except Exception as e:  # an OOM mid-step: halve the micro-batch, keep the samples, redo the step
                     if not is_out_of_memory(e):
@@ -277,13 +348,29 @@ def fit(run: Run) -> RunResult:
             clip = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             lr = scheduler.get_last_lr()[0]
+            loss = loss_sum / max(n_targets, 1)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)  # skip this update; the weights stay as they were
+                bad_steps += 1
+                bad_sources += nonfinite
+                mon.event(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'}; "
+                          "update skipped", name="nonfinite", step=step, sources=nonfinite)
+                if bad_steps >= MAX_BAD_STEPS:
+                    last = latest_checkpoint(run.run_dir)
+                    why = _diagnose(run, bad_sources, lr)
+                    raise DesktuneError(
+                        f"{bad_steps} steps in a row had non-finite losses or gradients: {why}",
+                        where=str(run.run_dir / "metrics.jsonl"),
+                        fix="fix the cause and start again" + (f"; the last good checkpoint is {last}" if last else ""),
+                    )
+                continue
+            bad_steps, bad_sources = 0, []
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             train_time += dt
             tokens_seen += step_tokens
-            loss = loss_sum / max(n_targets, 1)
             train_losses.append(loss)
             mon.step(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step_tokens, target_tokens=n_targets,
                      tokens_per_s=step_tokens / dt, mem_bytes=memory_in_use(device), step_s=round(dt, 4),
@@ -292,11 +379,13 @@ def fit(run: Run) -> RunResult:
                 v, n = validation_loss(model, run.val_set, micro, pad_id, device)
                 val_losses.append((step, v))
                 mon.eval(step, v, n)
+            saved = None
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != steps:
-                out = save_adapter(model, run.loaded.tokenizer, ckpt_dir / f"step-{step:06d}",
-                                   base_path=run.loaded.base_path, meta={**meta, "step": step})
-                prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last)
-                mon.record("checkpoint", step=step, path=str(out))
+                saved = checkpoint(step)
+            if stop.requested and step != steps:
+                saved = saved or checkpoint(step)
+                mon.event(f"{stop.requested}: stopped after step {step}", name="stopped", step=step)
+                raise TrainingInterrupted(step, str(saved))
         if run.val_set:
             v, n = validation_loss(model, run.val_set, micro, pad_id, device)
             val_losses.append((steps, v))
@@ -312,6 +401,48 @@ def fit(run: Run) -> RunResult:
                      trainable=run.trainable)
 
 
-def train(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False) -> RunResult:
-    """Set up and run one fine-tuning run."""
+def _announce(run: Run, mon: Monitor, device: torch.device) -> None:
+    """Log what a new run should know before its first step."""
+    stats, tcfg = run.data_stats, run.cfg.train
+    if stats.n_truncated:
+        mon.event(f"{stats.n_truncated} sample(s) longer than max_seq_len={run.cfg.data.max_seq_len} were truncated",
+                  truncated=stats.n_truncated)
+    if stats.n_dropped:
+        mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped", dropped=stats.n_dropped)
+    if effective_optimizer(tcfg.optimizer, device) != tcfg.optimizer:
+        mon.event(f"{tcfg.optimizer} needs CUDA; using {effective_optimizer(tcfg.optimizer, device)} on "
+                  f"{device.type}", optimizer=effective_optimizer(tcfg.optimizer, device))
+
+
+def find_resume_point(cfg: RunConfig, resume: str | Path | bool) -> Path:
+    """The checkpoint to resume: a checkpoint folder, a run folder's latest, or (True) the latest run's latest."""
+    if resume is True:
+        root = Path(cfg.output_dir)
+        runs = [root / cfg.run_name] if cfg.run_name else sorted(
+            (p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+        for run_dir in runs:
+            found = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+            if found is not None:
+                return found
+        raise DesktuneError("no checkpoint to resume from", where=str(root / (cfg.run_name or "")),
+                            fix="set checkpoint.every so runs save checkpoints, or pass --resume PATH")
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise DesktuneError("not a complete checkpoint nor a run folder holding one", where=str(path),
+                            fix="pass a run folder or one of its checkpoints/step-N folders")
+    return found
+
+
+def train(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False,
+          resume: str | Path | bool | None = None, accept_changes: bool = False) -> RunResult:
+    """Set up and run one fine-tuning run; `resume` continues one exactly from a checkpoint."""
+    if resume:
+        point = find_resume_point(cfg, resume)
+        run_dir = point.parent.parent
+        cfg = cfg.model_copy(update={"output_dir": str(run_dir.parent), "run_name": run_dir.name})
+        return fit(setup(cfg, console=console, quiet=quiet, existing=run_dir), resume=point,
+                   accept_changes=accept_changes)
     return fit(setup(cfg, console=console, quiet=quiet))

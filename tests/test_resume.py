@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from desktune.config import load_config
+from desktune.errors import DesktuneError
+from desktune.training import checkpoint as ckpt_mod
+from desktune.training import loop
+from desktune.training.loop import fit, setup, train
+from desktune.training.monitor import read_metrics
+from desktune.training.signals import TrainingInterrupted
+from tests.tiny import tiny_config
+
+STEPS = 6
+
+
+def _cfg(tiny_model_dir, tmp_path, name: str, **extra):
+    raw = tiny_config(tiny_model_dir, tmp_path, run_name=name, lora={"dropout": 0.1},  # dropout draws RNG
+                      train={"max_steps": STEPS, "eval_every": 2}, checkpoint={"every": 2, "keep_last": 2}, **extra)
+    return load_config(raw)
+
+
+def _trace(run_dir):
+    recs = read_metrics(run_dir / "metrics.jsonl")
+    return [(r["type"], r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss"))
+            for r in recs if r["type"] in ("train", "eval")]
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture()
+def reference(tiny_model_dir, tmp_path):
+    return train(_cfg(tiny_model_dir, tmp_path, "ref"), quiet=True)
+
+
+def _assert_identical(result, reference):
+    a, b = _weights(result.run_dir), _weights(reference.run_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed adapter differs"
+    assert _trace(result.run_dir) == _trace(reference.run_dir)
+
+
+def test_crash_then_resume_is_bit_identical(tiny_model_dir, tmp_path, reference):
+    cfg = _cfg(tiny_model_dir, tmp_path, "crash")
+    run = setup(cfg, quiet=True)
+
+    def crash(step: int, micro: int) -> None:
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    run.fault_hook = crash
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(run)
+    assert not (run.run_dir / "adapter").exists()
+    resumed = train(cfg, quiet=True, resume=True)  # latest checkpoint of run_name 'crash': step 4
+    assert resumed.run_dir == run.run_dir
+    events = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r["type"] == "event"]
+    assert any(e.get("name") == "resumed" and e["step"] == 4 for e in events)
+    _assert_identical(resumed, reference)
+
+
+def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, reference):
+    cfg = _cfg(tiny_model_dir, tmp_path, "sig")
+    run = setup(cfg, quiet=True)
+
+    sent = []
+
+    def ctrl_c(step: int, micro: int) -> None:
+        if step == 3 and not sent:  # once: a second Ctrl-C would stop at once (KeyboardInterrupt)
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run.fault_hook = ctrl_c
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(run)
+    assert stop.value.step == 3 and stop.value.checkpoint.endswith("step-000003")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = train(cfg, quiet=True, resume=stop.value.checkpoint)
+    _assert_identical(resumed, reference)
+
+
+def test_changed_data_or_config_is_refused_unless_accepted(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "changed", data={"val_fraction": 0.0})
+    run = setup(cfg, quiet=True)
+    run.fault_hook = lambda step, micro: (_ for _ in ()).throw(RuntimeError("stop")) if step == 3 else None
+    with pytest.raises(RuntimeError):
+        fit(run)
+    with open(cfg.data.train, "a", encoding="utf-8") as f:
+        f.write('{"messages": [{"role": "user", "content": "new"}, {"role": "assistant", "content": "row"}]}\n')
+    with pytest.raises(DesktuneError, match=r"data file .*train.jsonl changed"):
+        train(cfg, quiet=True, resume=True)
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 5e-3})})
+    with pytest.raises(DesktuneError, match=r"train.lr: 0.01 -> 0.005"):
+        train(other, quiet=True, resume=True, accept_changes=False)
+    result = train(cfg, quiet=True, resume=True, accept_changes=True)
+    assert result.steps == STEPS and (result.run_dir / "adapter").is_dir()
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_model_dir, tmp_path, "disk")
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if "step-000004" in str(path) or ".step-000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, quiet=True)
+    folders = sorted(p.name for p in (tmp_path / "runs" / "disk" / "checkpoints").iterdir())
+    assert folders == ["step-000002"]  # no half-written step-4, no temporary folder left
+    assert ckpt_mod.latest_checkpoint(tmp_path / "runs" / "disk").name == "step-000002"
+
+
+def test_non_finite_steps_are_skipped_then_diagnosed(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_model_dir, tmp_path, "nan")
+    real = loop.target_ce_sum
+    calls = {"n": 0}
+
+    def nan_after_step_2(model, *args, **kwargs):
+        total, n = real(model, *args, **kwargs)
+        if not torch.is_grad_enabled():  # validation passes stay finite
+            return total, n
+        calls["n"] += 1
+        return (total * float("nan"), n) if calls["n"] > 2 * 2 else (total, n)  # 2 micro-batches per step
+
+    monkeypatch.setattr(loop, "target_ce_sum", nan_after_step_2)
+    before = None
+    with pytest.raises(DesktuneError) as e:
+        run = setup(cfg, quiet=True)
+        before = run.run_dir
+        fit(run)
+    msg = str(e.value)
+    assert "3 steps in a row had non-finite losses" in msg and "train.jsonl:" in msg
+    assert "learning rate 7.5e-03 is high" in msg and "step-000002" in msg
+    events = [r for r in read_metrics(before / "metrics.jsonl") if r["type"] == "event" and r["name"] == "nonfinite"]
+    assert [ev["step"] for ev in events] == [3, 4, 5]
+    assert ckpt_mod.latest_checkpoint(before).name == "step-000002"
