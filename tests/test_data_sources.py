@@ -8,8 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from datasets import Dataset, DatasetDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from desktune.data import RawRow, read_rows
+from desktune.data import RawRow, convert_rows, read_rows
+from desktune.data.formats import FORMATS
 from desktune.errors import DesktuneError
 
 ROWS = [{"instruction": "say hi", "output": "hi"}, {"instruction": "say bye", "output": "bye"}]
@@ -205,3 +208,61 @@ def test_dataset_dict_without_train_split(tmp_path: Path) -> None:
     DatasetDict({"test": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
     err = _error(tmp_path / "dd")
     assert "no 'train' split" in str(err) and "test" in str(err)
+
+
+# ---------------------------------------------------------------- any file content: rows or a DesktuneError
+
+
+_KEY = st.sampled_from(["messages", "conversations", "instruction", "input", "output", "prompt", "completion",
+                        "text", "role", "content", "from", "value", "system", "x", ""])
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=10),
+              st.sampled_from(["user", "assistant", "system", "human", "gpt"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEY, inner, max_size=4)),
+    max_leaves=10,
+)
+_GOOD = st.sampled_from([
+    {"instruction": "say hi", "output": "hi"},
+    {"prompt": "p", "completion": "c"},
+    {"text": "some text"},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+])
+_ROW = st.one_of(_GOOD, st.dictionaries(_KEY, _JSON, max_size=4), _JSON)
+
+
+def _csv_text(rows: list[list[str]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+_CONTENT = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200),
+    st.lists(_ROW, max_size=5).map(lambda rows: "\n".join(json.dumps(r) for r in rows)),  # JSON lines
+    st.one_of(st.lists(_ROW, max_size=5), st.dictionaries(_KEY, st.lists(_ROW, max_size=3), max_size=2), _JSON)
+    .map(json.dumps),  # one JSON document
+    st.lists(st.lists(st.one_of(_KEY, st.text(max_size=8)), min_size=1, max_size=4), max_size=5).map(_csv_text),
+    st.tuples(st.lists(_GOOD, min_size=1, max_size=4), st.integers(0, 400), st.binary(max_size=4)).map(
+        lambda t: "\n".join(json.dumps(r) for r in t[0]).encode()[: t[1]] + t[2]  # truncated or with junk at the end
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(content=_CONTENT, suffix=st.sampled_from([".jsonl", ".json", ".csv", ".ndjson"]),
+       fmt=st.sampled_from(["auto", "auto", *FORMATS]))
+def test_any_file_content_reads_or_raises_desktune_error(tmp_path: Path, content: str | bytes, suffix: str,
+                                                         fmt: str) -> None:
+    path = _write(tmp_path / f"data{suffix}", content)
+    try:
+        _, samples = convert_rows(read_rows(path), fmt)
+    except DesktuneError as e:
+        assert e.where and e.where.startswith(str(path)) and e.fix, str(e)
+        return
+    assert samples and all((s.messages is None) != (s.text is None) for s in samples)

@@ -115,17 +115,35 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
         raise DesktuneError(f"invalid JSON ({e})", where=str(cfg_file), fix="restore the adapter folder") from None
 
 
+_RESTORE = "restore the adapter folder (copy it again, or use one of the run's checkpoints/step-N folders)"
+
+
+def check_adapter(path: str | Path) -> dict[str, Any]:
+    """adapter_config.json of an adapter folder, once its weights file is known to be readable (before any base
+    model is loaded)."""
+    from desktune.models.loading import check_safetensors
+
+    cfg = read_adapter_config(path)
+    weights = Path(path) / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights, "adapter", fix=_RESTORE)
+    elif not (Path(path) / "adapter_model.bin").is_file():
+        raise DesktuneError("no adapter weights here (adapter_model.safetensors)", where=str(path), fix=_RESTORE)
+    return cfg
+
+
 def load_adapter(base: torch.nn.Module, path: str | Path, *, trainable: bool = False) -> Any:
     """Put a saved PEFT adapter on a loaded base model."""
     from peft import PeftModel
 
-    read_adapter_config(path)
+    base_name = check_adapter(path).get("base_model_name_or_path")
     try:
         return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "size mismatch" in str(e) or "shape" in str(e).lower():
             msg = "its weight shapes do not match this base model (was it trained on another base?)"
+        trained_on = f": {base_name} (the default when --model is left out)" if base_name else \
+            " (see base_model_name_or_path in adapter_config.json)"
         raise DesktuneError(f"could not load the adapter: {msg}", where=str(path),
-                            fix="use the base model the adapter was trained on (see base_model_name_or_path in "
-                            "adapter_config.json)") from None
+                            fix=f"use the base model the adapter was trained on{trained_on}") from None

@@ -187,24 +187,48 @@ def _suggest(key: str, path: tuple[str, ...]) -> str:
     return f"did you mean '{'.'.join((*path, close[0]))}'?"
 
 
+def _default_at(loc: tuple[str, ...]) -> str | None:
+    """The schema default of the key at `loc`, as YAML would write it (None when it has none)."""
+    node: Any = RunConfig
+    for i, part in enumerate(loc):
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        if i < len(loc) - 1:
+            node = field.annotation
+        elif not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return None
+
+
 def _format_validation_error(err: ValidationError, source: str) -> DesktuneError:
     lines = []
-    fix = None
+    fixes: dict[str, str] = {}
+    bad_values: list[str] = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
+        # drop pydantic's union-branch tags such as 'list[str]' or "literal['all-linear']" from the key
+        loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and "[" in p))
         dotted = ".".join(loc)
         if e["type"] == "extra_forbidden":
             hint = _suggest(loc[-1], loc[:-1])
             lines.append(f"unknown key '{dotted}'" + (f" ({hint})" if hint else ""))
-            fix = fix or "correct or remove the key; `desktune train --help` lists the sections"
+            fixes.setdefault("extra", "correct or remove the key (examples/demo.yaml shows every section)")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{dotted}'")
-            fix = fix or f"add '{dotted}' to the config or pass -o {dotted}=..."
+            fixes.setdefault("missing", f"add '{dotted}' to the config or pass -o {dotted}=...")
         else:
             got = e.get("input")
             lines.append(f"'{dotted}': {e['msg']} (got {got!r})")
-            fix = fix or "set a valid value"
-    return DesktuneError("; ".join(lines), where=source, fix=fix)
+            default = _default_at(loc)
+            shown = dotted + (f" (default: {default})" if default is not None else "")
+            if shown not in bad_values:
+                bad_values.append(shown)
+    if bad_values:
+        what = "a valid value" if len(bad_values) == 1 else "valid values"
+        fixes["value"] = f"set {', '.join(bad_values)} to {what} in the config, or with -o KEY=VALUE"
+    return DesktuneError("; ".join(lines), where=source, fix="; ".join(fixes.values()) or None)
 
 
 def parse_value(text: str) -> Any:
@@ -259,7 +283,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise DesktuneError("the config must be a mapping of sections", where=str(path), fix="see examples/")
+        raise DesktuneError(
+            f"the config must be a mapping of sections, not {'a list' if isinstance(raw, list) else 'a single value'}",
+            where=str(path),
+            fix="write YAML sections such as 'data:' with 'train: FILE' under it (see examples/demo.yaml)",
+        )
     return raw
 
 

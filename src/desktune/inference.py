@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from desktune.adapters import load_adapter, read_adapter_config
+from desktune.adapters import check_adapter, load_adapter
 from desktune.config import EMBEDDED_MODEL, ModelConfig
 from desktune.hardware import detect
 from desktune.models.loading import LoadedModel, load_model
@@ -17,8 +17,9 @@ from desktune.models.loading import LoadedModel, load_model
 def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *, dtype: str = "auto",
                        device: str = "auto", quant: str = "none") -> LoadedModel:
     """Load a base (by default the adapter's own base, else the embedded model) and put the adapter on it."""
-    if adapter is not None and model is None:
-        model = read_adapter_config(adapter).get("base_model_name_or_path") or EMBEDDED_MODEL
+    if adapter is not None:  # a bad adapter folder is reported before a base model is loaded
+        trained_on = check_adapter(adapter).get("base_model_name_or_path")
+        model = model or trained_on or EMBEDDED_MODEL
     loaded = load_model(ModelConfig(name=model or EMBEDDED_MODEL, dtype=dtype, quant=quant), detect(device, dtype))
     if adapter is not None:
         loaded.model = load_adapter(loaded.model, adapter)

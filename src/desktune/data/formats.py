@@ -18,6 +18,17 @@ EXPECTED_KEYS = {
     "prompt_completion": "prompt, completion",
     "text": "text",
 }
+# field names people often use instead of the ones a format expects (for "rename X to Y" hints)
+_SYNONYMS = {
+    "instruction": ("question", "query", "prompt", "input"),
+    "output": ("response", "answer", "completion", "target", "reply"),
+    "prompt": ("question", "query", "instruction", "input"),
+    "completion": ("response", "answer", "output", "target", "reply"),
+    "text": ("content", "body", "document", "sentence"),
+    "messages": ("conversation", "chat", "dialog", "dialogue", "turns"),
+}
+_NEEDED = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
+           "messages": ("messages",), "text": ("text",)}
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 _DETECT_ROWS = 5
 
@@ -70,11 +81,36 @@ def detect_format(rows: Sequence[RawRow]) -> str:
         raise DesktuneError("no rows to detect the data format from", fix="add training samples")
     first = rows[0]
     keys = _keys(first.data) if isinstance(first.data, dict) else kind_of(first.data)
+    near = _near_miss(first.data)
+    if near is not None:  # e.g. a CSV with an instruction column but no output column
+        fmt, missing = near
+        names = " and ".join(repr(m) for m in missing)
+        renames = _renames(first.data, missing)
+        raise DesktuneError(
+            f"cannot detect the data format from the keys ({keys}): format '{fmt}' also needs {names}",
+            where=first.source,
+            fix=(f"rename {' and '.join(renames)}, or " if renames else "")
+            + f"add the {names} field (a column in CSV), or rename the fields to one of the formats "
+            f"({formats_help()}), or set data.format",
+        )
+    hint = _rename_hint(first.data)
     raise DesktuneError(
         f"cannot detect the data format from the keys ({keys})",
         where=first.source,
-        fix=f"rename the fields to one of the formats ({formats_help()}), or set data.format",
+        fix=(f"{hint}; or " if hint else "") + f"rename the fields to one of the formats ({formats_help()}), "
+        "or set data.format",
     )
+
+
+def _near_miss(data: Any) -> tuple[str, list[str]] | None:
+    """A two-key format of which the row has one key: (format, missing keys)."""
+    if not isinstance(data, dict):
+        return None
+    for fmt, needed in (("alpaca", ("instruction", "output")), ("prompt_completion", ("prompt", "completion"))):
+        missing = [k for k in needed if k not in data]
+        if len(missing) < len(needed):
+            return fmt, missing
+    return None
 
 
 # ---------------------------------------------------------------- helpers
@@ -85,12 +121,36 @@ def _keys(data: dict[str, Any]) -> str:
     return shown or "no keys"
 
 
+def _renames(data: dict[str, Any], missing: Sequence[str]) -> list[str] | None:
+    """"'response' to 'output'" for each missing field that a synonym present in the row can fill, else None."""
+    used: set[str] = set()
+    out = []
+    for m in missing:
+        found = next((k for k in _SYNONYMS.get(m, ()) if k in data and k not in used), None)
+        if found is None:
+            return None
+        used.add(found)
+        out.append(f"'{found}' to '{m}'")
+    return out
+
+
+def _rename_hint(data: Any) -> str | None:
+    """A format the row becomes by renaming some fields: "rename 'question' to 'instruction' ... (format alpaca)"."""
+    if not isinstance(data, dict):
+        return None
+    for fmt, needed in _NEEDED.items():
+        renames = _renames(data, [n for n in needed if n not in data])
+        if renames:
+            return f"rename {' and '.join(renames)} (format '{fmt}')"
+    return None
+
+
 def _maybe_json(value: Any) -> Any:
     """A list given as a JSON string (CSV cells) is parsed; anything else is returned as is."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 
@@ -103,11 +163,13 @@ def _require(row: RawRow, fmt: str, *names: str) -> None:
         )
     missing = [n for n in names if n not in row.data]
     if missing:
+        renames = _renames(row.data, missing)
+        hint = f"rename {' and '.join(renames)}; " if renames else ""
         raise DesktuneError(
             f"missing field {', '.join(repr(m) for m in missing)} for format '{fmt}'"
             f" (row has: {_keys(row.data)})",
             where=row.source,
-            fix=f"'{fmt}' rows need {EXPECTED_KEYS[fmt]}; or set data.format to one of: {formats_help()}",
+            fix=f"{hint}'{fmt}' rows need {EXPECTED_KEYS[fmt]}; or set data.format to one of: {formats_help()}",
         )
 
 

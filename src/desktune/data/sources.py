@@ -18,6 +18,15 @@ _JSONL = {".jsonl", ".ndjson"}
 _SAMPLE_KEYS = {"messages", "conversations"}
 
 
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip-compressed file", "decompress it first (gunzip) and use the decompressed file"),
+    (b"PK\x03\x04", "zip archive", "unzip it first and use the data file inside"),
+    (b"BZh", "bzip2-compressed file", "decompress it first (bunzip2) and use the decompressed file"),
+    (b"\xfd7zXZ\x00", "xz-compressed file", "decompress it first (unxz) and use the decompressed file"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed file", "decompress it first (unzstd) and use the decompressed file"),
+)
+
+
 @dataclass(frozen=True)
 class RawRow:
     """One record as read from disk, with where it came from (`path:line` or `path:row N`)."""
@@ -66,17 +75,22 @@ def _read_text(p: Path) -> str:
         raise DesktuneError("file is empty", where=str(p), fix="add training samples to the file")
     if raw.startswith(b"PAR1"):
         raise DesktuneError("this is a Parquet file", where=str(p), fix="rename it to end in .parquet")
+    for magic, what, fix in _COMPRESSED:
+        if raw.startswith(magic):
+            raise DesktuneError(f"this is a {what}, not text", where=str(p), fix=fix)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DesktuneError("the file is UTF-16 text, not UTF-8", where=str(p),
+                            fix="save the file as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8 IN > OUT)")
+    if b"\x00" in raw:
+        raise DesktuneError("looks like a binary file (contains NUL bytes)", where=str(p), fix=_SUPPORTED_FIX)
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DesktuneError(
             f"not UTF-8 text (invalid byte at offset {e.start})",
             where=str(p),
             fix="save the file as UTF-8 text, or pass a .parquet file",
         ) from None
-    if "\x00" in text:
-        raise DesktuneError("looks like a binary file (contains NUL bytes)", where=str(p), fix=_SUPPORTED_FIX)
-    return text
 
 
 def _as_row(obj: Any, source: str) -> RawRow:
@@ -109,13 +123,18 @@ def _read_jsonl(p: Path) -> list[RawRow]:
                 where=where,
                 fix="each line must hold one complete JSON object",
             ) from None
+        except RecursionError:
+            raise _too_deep(where) from None
         rows.append(_as_row(obj, where))
     return rows
 
 
 def _read_json(p: Path) -> list[RawRow]:
+    text = _read_text(p)
     try:
-        obj = json.loads(_read_text(p))
+        obj = json.loads(text)
+    except RecursionError:
+        raise _too_deep(str(p)) from None
     except json.JSONDecodeError as e:
         fix = "correct the JSON syntax"
         if e.msg.startswith("Extra data"):
@@ -125,6 +144,11 @@ def _read_json(p: Path) -> list[RawRow]:
         ) from None
     items = _json_items(obj, p)
     return [_as_row(item, f"{p}:row {i}") for i, item in enumerate(items, start=1)]
+
+
+def _too_deep(where: str) -> DesktuneError:
+    return DesktuneError("the JSON is nested too deeply to read (brackets that never close?)", where=where,
+                         fix="correct the JSON: rows are objects of text fields and lists of turns")
 
 
 def _json_items(obj: Any, p: Path) -> list[Any]:
@@ -199,9 +223,14 @@ def _read_saved_dataset(p: Path) -> list[RawRow]:
     """Rows of a folder written by Dataset.save_to_disk (a DatasetDict: its 'train' split)."""
     is_dict = (p / "dataset_dict.json").is_file()
     if not is_dict and not (p / "state.json").is_file():
-        raise DesktuneError(
-            "folder is not a dataset saved with save_to_disk", where=str(p), fix=_SUPPORTED_FIX
-        )
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in {*_JSONL, ".json", ".csv",
+                                                                                       ".parquet"})
+        fix = _SUPPORTED_FIX
+        if files:
+            fix = f"set data.train (or data.val) to a data file instead, such as {files[0]}"
+        elif not any(p.iterdir()):
+            fix = f"the folder is empty; {_SUPPORTED_FIX}"
+        raise DesktuneError("folder is not a dataset saved with save_to_disk", where=str(p), fix=fix)
     import datasets
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from desktune.adapters import load_adapter, read_adapter_config
+from desktune.adapters import check_adapter, load_adapter
 from desktune.config import ModelConfig
 from desktune.errors import DesktuneError
 from desktune.hardware import DTYPES, Hardware, pick_device
@@ -18,10 +18,18 @@ def merge_adapter(adapter: str | Path, output: str | Path, *, model: str | None 
     adapter, output = Path(adapter), Path(output)
     if dtype not in DTYPES:
         raise DesktuneError(f"unknown dtype '{dtype}'", where="--dtype", fix="use bf16, fp16 or fp32")
+    if output.exists() and not output.is_dir():
+        raise DesktuneError("the output is a file, not a folder", where=str(output),
+                            fix="choose a new folder with -o (nothing was written)")
     if output.exists() and any(output.iterdir()):
         raise DesktuneError("the output folder is not empty", where=str(output),
                             fix="choose a new folder (nothing was written)")
-    base_name = model or read_adapter_config(adapter).get("base_model_name_or_path")
+    parent = next(p for p in output.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise DesktuneError(f"cannot create the output folder: {parent} is a file", where=str(output),
+                            fix="choose a folder in a writable place with -o (nothing was written)")
+    trained_on = check_adapter(adapter).get("base_model_name_or_path")  # a bad adapter fails before the base loads
+    base_name = model or trained_on
     if not base_name:
         raise DesktuneError("the adapter does not name its base model", where=str(adapter / "adapter_config.json"),
                             fix="pass the base with --model")
@@ -34,9 +42,14 @@ def merge_adapter(adapter: str | Path, output: str | Path, *, model: str | None 
         loaded.tokenizer.chat_template = template.read_text(encoding="utf-8")
     tmp = output.with_name(f".{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(tmp)
-    if output.exists():
-        output.rmdir()
-    tmp.rename(output)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        if output.exists():
+            output.rmdir()
+        tmp.rename(output)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DesktuneError(f"cannot write the merged model ({e.strerror or e})", where=str(output),
+                            fix="choose a writable folder with free space with -o") from None
     return output

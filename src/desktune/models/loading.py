@@ -74,17 +74,36 @@ def _is_offline_error(err: Exception) -> bool:
                                    "does not appear", "local_files_only", "is not a local folder"))
 
 
+def check_safetensors(file: Path, what: str, fix: str) -> None:
+    """Raise DesktuneError naming `file` when its safetensors header is unreadable (truncated or damaged)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error type (and OSError) for a damaged file
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DesktuneError(f"could not load the {what}: the weights file is damaged or incomplete, perhaps "
+                            f"truncated ({detail})", where=str(file), fix=fix) from None
+
+
 def _check_folder(path: Path) -> None:
     """Give a clear message for a damaged local model folder before transformers does."""
     cfg = path / "config.json"
     try:
-        json.loads(cfg.read_text(encoding="utf-8"))
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DesktuneError(f"config.json is not valid JSON ({e})", where=str(cfg),
                             fix="restore the model folder from its source") from None
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if not isinstance(raw, dict):
+        raise DesktuneError("config.json is not a JSON object", where=str(cfg),
+                            fix="restore the model folder from its source")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")):
         raise DesktuneError("holds no weights (*.safetensors or *.bin)", where=str(path),
                             fix="copy the model's weight files into the folder")
+    for file in weights:
+        check_safetensors(file, "model", fix="download or copy it again from the model's source")
 
 
 def load_tokenizer(source: str) -> Any:
@@ -137,13 +156,21 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> L
     except Exception as e:
         if not local and _is_offline_error(e):
             raise DesktuneError(
-                f"model '{source}' is not in the local cache and the model hub cannot be reached",
+                f"model '{source}' is not a local folder nor in the local cache, and the model hub cannot be reached",
                 where="model.name",
-                fix=f"download it where you have internet (huggingface-cli download {source} --local-dir DIR) "
-                "and set model.name to that DIR",
+                fix=f"set model.name to an existing model folder, or download it where you have internet "
+                f"(huggingface-cli download {source} --local-dir DIR) and set model.name to that DIR",
             ) from None
+        config_file = Path(source) / "config.json"
+        if local and "model_type" in str(e) and "model_type" not in json.loads(config_file.read_text("utf-8")):
+            raise DesktuneError("config.json has no 'model_type', so the architecture is unknown",
+                                where=str(config_file), fix="restore the model folder from its source") from None
+        fix = "check the folder is complete (config.json, all weight files)"
+        if "does not recognize this architecture" in str(e):
+            fix = ("upgrade transformers (pip install -U transformers), or set model.trust_remote_code: true for a "
+                   "model that ships its own code")
         raise DesktuneError(f"could not load the model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                            where=source, fix="check the folder is complete (config.json, all weight files)") from None
+                            where=source, fix=fix) from None
     tokenizer = load_tokenizer(source)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
