@@ -145,3 +145,27 @@ def test_non_finite_steps_are_skipped_then_diagnosed(tiny_model_dir, tmp_path, m
     events = [r for r in read_metrics(before / "metrics.jsonl") if r["type"] == "event" and r["name"] == "nonfinite"]
     assert [ev["step"] for ev in events] == [3, 4, 5]
     assert ckpt_mod.latest_checkpoint(before).name == "step-000002"
+
+
+def test_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "twice")
+    run = setup(cfg, quiet=True)
+
+    def ctrl_c_twice(step: int, micro: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # first: finish the step; second (next micro-batch): stop now
+
+    run.fault_hook = ctrl_c_twice
+    with pytest.raises(KeyboardInterrupt):
+        fit(run)
+    names = sorted(p.name for p in (run.run_dir / "checkpoints").iterdir())
+    assert names == ["step-000002"] and ckpt_mod.is_complete(run.run_dir / "checkpoints" / "step-000002")
+    assert not (run.run_dir / "adapter").exists()
+
+
+def test_fp16_loss_scaler_state_is_checkpointed(tiny_model_dir, tmp_path):
+    state = ckpt_mod.load_state(train(_cfg(tiny_model_dir, tmp_path, "sc"), quiet=True).run_dir
+                                / "checkpoints" / "step-000004")
+    assert {"optimizer", "scheduler", "scaler", "rng", "step", "micro_batch_size", "config_fingerprint",
+            "data_fingerprint"} <= state.keys()
+    assert state["step"] == 4 and set(state["rng"]) >= {"python", "numpy", "torch"}

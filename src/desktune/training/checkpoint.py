@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         _fsync_tree(tmp)
+        if os.environ.get("DESKTUNE_FAULT_CHECKPOINT_SLEEP"):  # fault injection: widen the window a kill can hit
+            time.sleep(float(os.environ["DESKTUNE_FAULT_CHECKPOINT_SLEEP"]))
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             os.replace(out, old)

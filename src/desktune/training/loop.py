@@ -219,8 +219,8 @@ def free_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def accumulate_gradients(run: Run, examples: list[Example], micro: int, n_targets: int,
-                         step: int) -> tuple[float, int, list[str]]:
+def accumulate_gradients(run: Run, examples: list[Example], micro: int, n_targets: int, step: int,
+                         scaler: torch.amp.GradScaler | None = None) -> tuple[float, int, list[str]]:
     """Forward and backward over one step's samples in micro-batches.
 
     Returns the summed loss, the tokens seen, and the sources of samples in micro-batches with a non-finite loss.
@@ -234,7 +234,8 @@ def accumulate_gradients(run: Run, examples: list[Example], micro: int, n_target
         s, _ = target_ce_sum(run.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                              chunked=run.cfg.train.chunked_loss)
         # normalise by the target tokens of the whole accumulated batch: any micro-batch split is exact
-        (s / max(n_targets, 1)).backward()
+        loss = s / max(n_targets, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         value = float(s.detach())
         if not math.isfinite(value):
             nonfinite += [ex.source for ex in examples[i : i + micro]]
@@ -277,6 +278,8 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tcfg, device)
     scheduler = make_scheduler(optimizer, tcfg, steps)
+    # loss scaling keeps fp16 gradients from underflowing; a no-op (enabled=False) in bf16/fp32
+    scaler = torch.amp.GradScaler(device.type, enabled=run.loaded.hardware.dtype == torch.float16)
     per_step = tcfg.micro_batch_size * tcfg.grad_accum
     micro = tcfg.micro_batch_size  # halved by OOM recovery; the samples per step never change
     meta = {"desktune_version": __version__, "base_model": run.loaded.base_path, "quant": cfg.model.quant,
@@ -292,6 +295,7 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
         set_peft_model_state_dict(model, load_file(str(resume / ADAPTER_WEIGHTS)))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         start, micro = state["step"], state["micro_batch_size"]
         for r in truncate_metrics(run.run_dir / "metrics.jsonl", start):
             if r["type"] == "train":
@@ -302,7 +306,7 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
 
     def checkpoint(step: int) -> Path:
         state = {"step": step, "micro_batch_size": micro, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": capture_rng(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng(),
                  "config_fingerprint": config_fingerprint(cfg), "data_fingerprint": data_fingerprint(cfg)}
         out = save_checkpoint(model, run.loaded.tokenizer, ckpt_dir / f"step-{step:06d}",
                               base_path=run.loaded.base_path, meta={**meta, "step": step}, state=state)
@@ -327,7 +331,8 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
             n_targets = target_count(examples)
             while True:
                 try:
-                    loss_sum, step_tokens, nonfinite = accumulate_gradients(run, examples, micro, n_targets, step)
+                    loss_sum, step_tokens, nonfinite = accumulate_gradients(run, examples, micro, n_targets, step,
+                                                                            scaler)
                     break
                 except Exception as e:  # an OOM mid-step: halve the micro-batch, keep the samples, redo the step
                     if not is_out_of_memory(e):
@@ -346,9 +351,16 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
                               name="oom_recovery", step=step, micro_batch_size=micro,
                               grad_accum=math.ceil(per_step / micro))
             clip = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
+            scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             lr = scheduler.get_last_lr()[0]
             loss = loss_sum / max(n_targets, 1)
+            if scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm):
+                scaler.update()  # fp16 loss-scale calibration: the scaler skips this update and lowers the scale
+                optimizer.zero_grad(set_to_none=True)
+                mon.event(f"step {step}: fp16 gradient overflow, loss scale lowered to {scaler.get_scale():g}",
+                          name="loss_scale", step=step)
+                continue
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)  # skip this update; the weights stay as they were
                 bad_steps += 1
@@ -365,7 +377,8 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
                     )
                 continue
             bad_steps, bad_sources = 0, []
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
