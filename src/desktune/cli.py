@@ -102,6 +102,72 @@ def train(
 
 
 @app.command()
+def plan(
+    config: Annotated[Path | None, typer.Argument(help="A run config (YAML); or use --model and friends.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Catalog name (llama-3.1-8b, qwen2.5-7b, "
+                                              "...), a model folder or config.json, or a hub id.")] = None,
+    budget: Annotated[str | None, typer.Option(help="Memory to fit in: 24GB, 8GiB, or auto (free now).")] = None,
+    seq_len: Annotated[int | None, typer.Option(min=1, help="Tokens per sample (data.max_seq_len).")] = None,
+    micro_batch: Annotated[int | None, typer.Option(min=1, help="Samples per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(min=1, help="Micro-batches per optimizer step.")] = None,
+    quant: Annotated[Quant | None, typer.Option(help="Base weights: none, nf4 (QLoRA) or int8.")] = None,
+    lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.")] = None,
+    targets: Annotated[str | None, typer.Option(help="LoRA targets: all-linear or q_proj,k_proj,...")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit.")] = None,
+    checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing",
+                                                       help="Gradient checkpointing.")] = None,
+    full_loss: Annotated[bool, typer.Option("--full-loss", help="Plan the full-logits loss, not chunked.")] = False,
+    device: Annotated[str, typer.Option(help="cuda, cpu or mps (default: the config's device; cuda "
+                                         "with --model).")] = "",
+    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32 (default: what the device would use).")] = "",
+) -> None:
+    """Predict the peak memory of a training step by component, before loading anything.
+
+    Works from a config or from --model alone (a catalog name or a config.json: no weights needed). With a budget
+    it says whether the step fits, the largest sequence length and micro-batch that do, and which changes would.
+    Example: desktune plan --model llama-3.1-8b --quant nf4 --seq-len 2048 --micro-batch 2 --budget 24GB
+    """
+    from desktune.config import load_config
+    from desktune.memory.budget import budget_bytes, plan_run
+    from desktune.memory.render import print_plan
+
+    if config is None and model is None:
+        raise DesktuneError("nothing to plan", where="desktune plan", fix="pass a CONFIG.yaml or --model NAME")
+    overrides: list[str] = []
+    if model:
+        overrides.append(f"model.name={model}")
+    for key, value in (("data.max_seq_len", seq_len), ("train.micro_batch_size", micro_batch),
+                       ("train.grad_accum", grad_accum), ("model.quant", quant.value if quant else None),
+                       ("lora.r", lora_r), ("train.optimizer", optimizer),
+                       ("train.gradient_checkpointing", checkpointing)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if targets:
+        overrides.append(f"lora.target_modules={targets if targets == 'all-linear' else '[' + targets + ']'}")
+    if full_loss:
+        overrides.append("train.chunked_loss=false")
+    raw = config if config is not None else {"data": {"train": "-"}}
+    cfg = load_config(raw, overrides)
+    if dtype and dtype not in DTYPE_BYTES:
+        raise DesktuneError(f"unknown dtype '{dtype}'", where="--dtype", fix="use bf16, fp16 or fp32")
+    if device and device not in {"cuda", "cpu", "mps"}:
+        raise DesktuneError(f"unknown device '{device}'", where="--device", fix="use cuda, cpu or mps")
+    if device or config is None:  # planning for a named device: no torch import, answers in a second
+        device_type, dtype_bytes = device or "cuda", DTYPE_BYTES[dtype or "bf16"]
+    else:
+        from desktune.hardware import detect
+
+        hw = detect(cfg.train.device, dtype or cfg.model.dtype)
+        device_type, dtype_bytes = hw.device.type, hw.dtype.itemsize
+    limit = budget or cfg.train.memory_budget
+    _, result = plan_run(cfg, device_type, dtype_bytes)
+    print_plan(result, budget_bytes(limit, device_type) if limit else None, console=out)
+
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     model: ModelOpt = None,

@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 from desktune.errors import DesktuneError
+from desktune.units import human_bytes
+
+__all__ = ["DTYPES", "Hardware", "detect", "free_memory", "human_bytes", "memory_in_use", "pick_device",
+           "pick_dtype", "set_threads"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -107,15 +111,6 @@ def peak_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def free_memory(device: torch.device) -> int:

@@ -25,6 +25,7 @@ from desktune.config import RunConfig, dump_config
 from desktune.data import Example, build_datasets, collate, resolve_chat_template
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, detect, human_bytes, memory_in_use, set_threads
+from desktune.memory.budget import fit_to_budget
 from desktune.models.loading import LoadedModel, load_model
 from desktune.training.checkpoint import (
     ADAPTER_WEIGHTS,
@@ -65,6 +66,7 @@ class Run:
     console: Console
     quiet: bool = False
     fault_hook: Callable[[int, int], None] | None = None  # tests inject faults here: (step, micro_batch_size)
+    fit_note: str | None = None  # what fitting to train.memory_budget changed
 
 
 @dataclass
@@ -126,6 +128,7 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
     """
     console = console or Console(stderr=True)
     hw = detect(cfg.train.device, cfg.model.dtype)
+    cfg, fit_note = fit_to_budget(cfg, hw)  # before anything is loaded: refuse early when nothing fits
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     if existing is not None:
@@ -137,8 +140,12 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
     dump_config(cfg, run_dir / "config.yaml")
     if not quiet:
         console.print(f"run folder: [bold]{run_dir}[/]  device: {hw.name}  precision: {str(hw.dtype)[6:]}")
+        if fit_note:
+            console.print(fit_note)
     try:
-        return _prepare(cfg, run_dir, hw, console, quiet)
+        run = _prepare(cfg, run_dir, hw, console, quiet)
+        run.fit_note = fit_note
+        return run
     except DesktuneError:
         if [p.name for p in run_dir.iterdir()] == ["config.yaml"]:  # nothing trained: leave no empty run behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -417,6 +424,9 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
 def _announce(run: Run, mon: Monitor, device: torch.device) -> None:
     """Log what a new run should know before its first step."""
     stats, tcfg = run.data_stats, run.cfg.train
+    if run.fit_note:
+        mon.record("event", message=run.fit_note, name="memory_fit", micro_batch_size=tcfg.micro_batch_size,
+                   grad_accum=tcfg.grad_accum, gradient_checkpointing=tcfg.gradient_checkpointing)
     if stats.n_truncated:
         mon.event(f"{stats.n_truncated} sample(s) longer than max_seq_len={run.cfg.data.max_seq_len} were truncated",
                   truncated=stats.n_truncated)

@@ -1,0 +1,70 @@
+"""Make a run fit a memory budget before anything is loaded: choose micro-batch, accumulation, checkpointing."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from desktune.config import RunConfig, parse_size
+from desktune.errors import DesktuneError
+from desktune.memory.estimate import Plan, PlanInputs, estimate, fit_settings, suggestions
+from desktune.memory.render import render_plan
+from desktune.memory.source import arch_for_model
+from desktune.units import human_bytes
+
+if TYPE_CHECKING:
+    from desktune.hardware import Hardware
+
+
+def budget_bytes(budget: str, device_type: str) -> int:
+    """'auto' is the device's free memory now; anything else a size such as 24GB."""
+    if budget != "auto":
+        return parse_size(budget)
+    import torch
+
+    from desktune.hardware import free_memory
+
+    return free_memory(torch.device(device_type))
+
+
+def plan_run(cfg: RunConfig, device_type: str, dtype_bytes: int) -> tuple[PlanInputs, Plan]:
+    """The predicted peak of one training step of `cfg` on a device type with that compute dtype size."""
+    inputs = PlanInputs.from_run_config(cfg, arch_for_model(cfg.model.name), device_type, dtype_bytes=dtype_bytes)
+    return inputs, estimate(inputs)
+
+
+def rendered(plan: Plan, budget: int) -> str:
+    """The plan table and advice as plain text (for an error message)."""
+    console = Console(width=110, file=io.StringIO())
+    console.print(render_plan(plan, budget))
+    return console.file.getvalue()
+
+
+def fit_to_budget(cfg: RunConfig, hw: Hardware) -> tuple[RunConfig, str | None]:
+    """The config with settings that fit `train.memory_budget` (and a note of what changed), or an error."""
+    if not cfg.train.memory_budget:
+        return cfg, None
+    budget = budget_bytes(cfg.train.memory_budget, hw.device.type)
+    inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize)
+    if plan.total <= budget:
+        return cfg, f"memory plan: {human_bytes(plan.total)} of {human_bytes(budget)} budget; settings kept"
+    effective = cfg.train.micro_batch_size * cfg.train.grad_accum
+    chosen = fit_settings(inputs, budget, effective)
+    if chosen is None:
+        options = suggestions(inputs, budget)
+        smallest = f"smallest change that fits: {options[0][0]}" if options else "nothing tried fits this budget"
+        raise DesktuneError(
+            f"the run needs {human_bytes(plan.total)} but the budget is {human_bytes(budget)}; {smallest}\n"
+            + rendered(plan, budget),
+            where="train.memory_budget", fix="apply the change above, or raise the budget",
+        )
+    micro, accum, ckpt = chosen
+    train = cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum,
+                                         "gradient_checkpointing": ckpt or cfg.train.gradient_checkpointing})
+    fitted = cfg.model_copy(update={"train": train})
+    total = estimate(inputs.with_(micro_batch=micro, grad_accum=accum, gradient_checkpointing=ckpt)).total
+    return fitted, (f"memory plan: {human_bytes(plan.total)} did not fit {human_bytes(budget)}; using micro-batch "
+                    f"{micro} x accumulation {accum}" + (", gradient checkpointing" if ckpt else "")
+                    + f" (predicted {human_bytes(total)}, same effective batch {effective})")

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from desktune import cli
+from desktune.config import load_config
+from desktune.errors import DesktuneError
+from desktune.memory.budget import plan_run
+from desktune.memory.source import arch_for_model
+from desktune.training.loop import train
+from desktune.training.monitor import read_metrics
+from tests.tiny import tiny_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+COMPONENTS = ["base weights", "adapter weights", "adapter gradients", "optimizer state", "activations",
+              "logits and loss", "framework overhead"]
+
+
+def _plan(*args: str) -> str:
+    result = CliRunner().invoke(cli.app, ["plan", *args], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_plan_without_weights_shows_components_verdict_and_limits():
+    text = _plan("--model", "llama-3.1-8b", "--quant", "nf4", "--seq-len", "2048", "--micro-batch", "2",
+                 "--budget", "24GB")
+    for name in COMPONENTS:
+        assert name in text
+    assert "does not fit: 3" in text and "largest that fit: seq_len" in text  # ~36 GiB without checkpointing
+    roomy = _plan("--model", "llama-3.1-8b", "--quant", "nf4", "--seq-len", "512", "--micro-batch", "1",
+                  "--checkpointing", "--budget", "24GB")
+    assert "fits:" in roomy and "does not fit" not in roomy
+
+
+def test_plan_lists_changes_that_fit_when_it_does_not():
+    text = _plan("--model", "llama-3.1-8b", "--seq-len", "4096", "--micro-batch", "4", "--budget", "24GB")
+    assert "does not fit" in text and "changes that would fit" in text
+    assert "4-bit" in text or "nf4" in text
+
+
+def test_plan_from_the_qlora_example_config_offline():
+    text = _plan(str(EXAMPLES / "llama3-8b-qlora-24gb.yaml"), "--device", "cuda")
+    assert "llama-3.1-8b" in text and "NF4" in text and "fits" in text
+
+
+def test_hub_ids_map_to_the_catalog_and_unknown_names_suggest():
+    assert arch_for_model("meta-llama/Meta-Llama-3-8B-Instruct").name == "llama-3.1-8b"
+    assert arch_for_model("Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b"
+    with pytest.raises(DesktuneError, match="did you mean"):
+        arch_for_model("qwen2.5-7")
+
+
+def test_train_refuses_before_loading_when_nothing_fits(tiny_model_dir, tmp_path):
+    raw = tiny_config(tiny_model_dir, tmp_path, train={"memory_budget": "10KB"}, run_name="tight")
+    with pytest.raises(DesktuneError) as e:
+        train(load_config(raw), quiet=True)
+    msg = str(e.value)
+    assert "train.memory_budget" in msg and "the budget is 9.8 KiB" in msg and "base weights" in msg
+    assert not (tmp_path / "runs" / "tight").exists()
+
+
+def test_train_fits_micro_batch_to_the_budget_keeping_the_effective_batch(tiny_model_dir, tmp_path):
+    raw = tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 4, "grad_accum": 1, "max_steps": 2},
+                      data={"max_seq_len": 64}, run_name="fit")
+    cfg = load_config(raw)
+    small = plan_run(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"micro_batch_size": 1, "grad_accum": 4})}), "cpu", 4)[1].total
+    big = plan_run(cfg, "cpu", 4)[1].total
+    assert small < big
+    budget = (small + big) // 2
+    result = train(load_config(raw, [f"train.memory_budget={budget}"]), quiet=True)
+    fitted = load_config(result.run_dir / "config.yaml").train
+    assert fitted.micro_batch_size < 4 and fitted.micro_batch_size * fitted.grad_accum == 4
+    events = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r.get("name") == "memory_fit"]
+    assert events and events[0]["micro_batch_size"] == fitted.micro_batch_size
