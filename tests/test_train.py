@@ -102,12 +102,13 @@ def test_bitsandbytes_optimizers_step(tiny_model_dir, tmp_path, optimizer):
     assert any("needs CUDA; using adamw_8bit" in m for m in events) == optimizer.startswith("paged")
 
 
-def test_qlora_trains_on_cpu_with_exact_backend(tiny_model_dir, tmp_path):
-    raw = tiny_config(tiny_model_dir, tmp_path, model={"quant": "nf4"}, train={"max_steps": 6, "lr": 2e-2},
+@pytest.mark.parametrize(("quant", "backend"), [("nf4", "torchao-nf4"), ("int8", "torchao-int8")])
+def test_quantized_base_trains_on_cpu_with_exact_backend(tiny_model_dir, tmp_path, quant, backend):
+    raw = tiny_config(tiny_model_dir, tmp_path, model={"quant": quant}, train={"max_steps": 6, "lr": 2e-2},
                       data={"val_fraction": 0.0})
     result = train(load_config(raw), quiet=True)
     meta = json.loads((result.adapter_dir / "desktune.json").read_text())
-    assert meta["quant"] == "nf4" and meta["quant_backend"] == "torchao-nf4"
+    assert meta["quant"] == quant and meta["quant_backend"] == backend
     assert result.final_train_loss < result.train_losses[0]
 
 

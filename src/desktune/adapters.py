@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,10 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, *, gradient_checkpointi
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    peft_model = get_peft_model(model, peft_config(cfg, targets), autocast_adapter_dtype=True)
+    with warnings.catch_warnings():
+        # int8 bases cannot merge in place; desktune merges into a fresh 16-bit base instead (export/merge.py)
+        warnings.filterwarnings("ignore", message=".*TorchaoLoraLinear was instantiated.*")
+        peft_model = get_peft_model(model, peft_config(cfg, targets), autocast_adapter_dtype=True)
     return peft_model
 
 
