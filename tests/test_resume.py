@@ -169,3 +169,17 @@ def test_fp16_loss_scaler_state_is_checkpointed(tiny_model_dir, tmp_path):
     assert {"optimizer", "scheduler", "scaler", "rng", "step", "micro_batch_size", "config_fingerprint",
             "data_fingerprint"} <= state.keys()
     assert state["step"] == 4 and set(state["rng"]) >= {"python", "numpy", "torch"}
+
+
+def test_resume_accepts_a_different_micro_batch_split(tiny_model_dir, tmp_path, reference):
+    """micro x accumulation is what the fingerprint keeps: 1 x 4 resumes a 2 x 2 run exactly (same samples)."""
+    cfg = _cfg(tiny_model_dir, tmp_path, "split")
+    run = setup(cfg, quiet=True)
+    run.fault_hook = lambda step, micro: (_ for _ in ()).throw(RuntimeError("stop")) if step == 5 else None
+    with pytest.raises(RuntimeError):
+        fit(run)
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 1, "grad_accum": 4})})
+    resumed = train(other, quiet=True, resume=True)
+    a, b = _weights(resumed.run_dir), _weights(reference.run_dir)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)

@@ -311,10 +311,12 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
                 val_losses.append((r["step"], r["val_loss"]))
     stream = example_stream(len(run.train_set), tcfg.seed, cfg.data.shuffle, start=start * per_step)
 
+    fingerprints = {"config_fingerprint": config_fingerprint(cfg), "data_fingerprint": data_fingerprint(cfg)}
+
     def checkpoint(step: int) -> Path:
         state = {"step": step, "micro_batch_size": micro, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": capture_rng(),
-                 "config_fingerprint": config_fingerprint(cfg), "data_fingerprint": data_fingerprint(cfg)}
+                 **fingerprints}
         out = save_checkpoint(model, run.loaded.tokenizer, ckpt_dir / f"step-{step:06d}",
                               base_path=run.loaded.base_path, meta={**meta, "step": step}, state=state)
         prune_checkpoints(ckpt_dir, cfg.checkpoint.keep_last)

@@ -15,7 +15,10 @@ from desktune.config import RunConfig
 from desktune.errors import DesktuneError
 
 # Keys that may change between an interrupted run and its resume without changing what it computes.
-VOLATILE = {"output_dir", "run_name", "checkpoint.keep_last", "train.threads", "train.eval_every", "train.device"}
+# How samples split into micro-batches, and checkpointing, do not change the result (the loss is normalised per
+# step); the samples per step do.
+VOLATILE = {"output_dir", "run_name", "checkpoint.keep_last", "train.threads", "train.eval_every", "train.device",
+            "train.memory_budget", "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing"}
 
 
 def capture_rng() -> dict[str, Any]:
@@ -49,7 +52,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as dotted keys, without the keys that may change on resume."""
     flat = _flatten(cfg.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if k not in VOLATILE and not k.startswith("checkpoint.every")}
+    kept = {k: v for k, v in flat.items() if k not in VOLATILE and not k.startswith("checkpoint.every")}
+    kept["train.samples_per_step"] = cfg.train.micro_batch_size * cfg.train.grad_accum
+    return kept
 
 
 def _hash_path(path: Path) -> str:
