@@ -1,0 +1,62 @@
+"""Show a memory plan as a rich table, with the verdict against a budget and what would make it fit."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from desktune.memory.estimate import Plan, largest_fitting, suggestions
+from desktune.units import human_bytes
+
+
+def plan_table(plan: Plan, title: str | None = None) -> Table:
+    """The plan's components, their sizes and notes, and the total."""
+    inp = plan.inputs
+    title = title or (f"{inp.arch.name}: seq {inp.seq_len} x micro-batch {inp.micro_batch} "
+                      f"(x{inp.grad_accum} accumulation), {inp.device_type}")
+    table = Table(title=title, show_footer=True)
+    table.add_column("component", footer="total")
+    table.add_column("size", justify="right", footer=human_bytes(plan.total))
+    table.add_column("where it comes from", footer=f"peak: {plan.phase}")
+    for c in plan.components:
+        table.add_row(c.name, human_bytes(c.bytes), c.note)
+    return table
+
+
+def verdict(plan: Plan, budget_bytes: int | None) -> Text:
+    """One line: the total, and whether it fits the budget with how much to spare or missing."""
+    if budget_bytes is None:
+        return Text(f"predicted peak: {human_bytes(plan.total)}")
+    spare = budget_bytes - plan.total
+    if spare >= 0:
+        return Text(f"fits: {human_bytes(plan.total)} of {human_bytes(budget_bytes)} "
+                    f"({human_bytes(spare)} to spare)", style="bold green")
+    return Text(f"does not fit: {human_bytes(plan.total)} needed, {human_bytes(budget_bytes)} available "
+                f"({human_bytes(-spare)} short)", style="bold red")
+
+
+def render_plan(plan: Plan, budget_bytes: int | None = None, *, advice: bool = True) -> Group:
+    """Table, verdict, the largest fitting sequence length and micro-batch, and changes that would fit."""
+    parts: list[Table | Text] = [plan_table(plan), verdict(plan, budget_bytes)]
+    if budget_bytes is not None and advice:
+        seq, batch = largest_fitting(plan.inputs, budget_bytes)
+        parts.append(Text(f"largest that fit: seq_len {seq} at micro-batch {plan.inputs.micro_batch}; "
+                          f"micro-batch {batch} at seq_len {plan.inputs.seq_len}"))
+        if not plan.fits(budget_bytes):
+            options = suggestions(plan.inputs, budget_bytes)
+            if options:
+                fixes = Table(title="changes that would fit", show_header=True)
+                fixes.add_column("change")
+                fixes.add_column("predicted peak", justify="right")
+                for desc, p in options:
+                    fixes.add_row(desc, human_bytes(p.total))
+                parts.append(fixes)
+            else:
+                parts.append(Text("no single change or combination tried fits this budget", style="yellow"))
+    return Group(*parts)
+
+
+def print_plan(plan: Plan, budget_bytes: int | None = None, console: Console | None = None) -> None:
+    """Print `render_plan` to a console (stdout by default)."""
+    (console or Console()).print(render_plan(plan, budget_bytes))
