@@ -37,6 +37,14 @@ def _weights(run_dir):
 
 
 @pytest.fixture()
+def interactive_sigint():
+    """Ctrl-C as in a terminal: background jobs (and some CI runners) start with SIGINT ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.fixture()
 def reference(tiny_model_dir, tmp_path):
     return train(_cfg(tiny_model_dir, tmp_path, "ref"), quiet=True)
 
@@ -67,7 +75,7 @@ def test_crash_then_resume_is_bit_identical(tiny_model_dir, tmp_path, reference)
     _assert_identical(resumed, reference)
 
 
-def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, reference):
+def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, reference, interactive_sigint):
     cfg = _cfg(tiny_model_dir, tmp_path, "sig")
     run = setup(cfg, quiet=True)
 
@@ -85,6 +93,19 @@ def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, re
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     resumed = train(cfg, quiet=True, resume=stop.value.checkpoint)
     _assert_identical(resumed, reference)
+
+
+def test_an_ignored_sigint_stays_ignored(tiny_model_dir, tmp_path):
+    from desktune.training.signals import GracefulStop
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with GracefulStop() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_changed_data_or_config_is_refused_unless_accepted(tiny_model_dir, tmp_path):
@@ -147,7 +168,7 @@ def test_non_finite_steps_are_skipped_then_diagnosed(tiny_model_dir, tmp_path, m
     assert ckpt_mod.latest_checkpoint(before).name == "step-000002"
 
 
-def test_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(tiny_model_dir, tmp_path):
+def test_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(tiny_model_dir, tmp_path, interactive_sigint):
     cfg = _cfg(tiny_model_dir, tmp_path, "twice")
     run = setup(cfg, quiet=True)
 

@@ -32,6 +32,8 @@ class GracefulStop:
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. a background job: leave it ignoring
+                    continue
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
