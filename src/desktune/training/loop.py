@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import set_peft_model_state_dict
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -297,6 +296,8 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
     tokens_seen, train_time, start, bad_steps, bad_sources = 0, 0.0, 0, 0, []
     wall0 = time.perf_counter()
     if resume is not None:
+        from peft import set_peft_model_state_dict  # peft imports torchao: only after models/ silenced it
+
         state = load_state(resume)
         check_compatible(state, cfg, resume, accept_changes)
         set_peft_model_state_dict(model, load_file(str(resume / ADAPTER_WEIGHTS)))
