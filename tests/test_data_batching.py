@@ -5,41 +5,39 @@ from __future__ import annotations
 import pytest
 import torch
 
-from desktune.data import IGNORE_INDEX, Example, batches, collate
+from desktune.data import IGNORE_INDEX, Example, collate, example_stream
 
 
 def _examples(n: int) -> list[Example]:
     return [Example(list(range(1, i + 2)), [IGNORE_INDEX, *range(2, i + 2)], f"row {i}") for i in range(n)]
 
 
-def test_batches_cover_every_example_once() -> None:
-    exs = _examples(10)
-    got = batches(exs, 3, shuffle=True, seed=0, epoch=0)
-    assert [len(b) for b in got] == [3, 3, 3, 1]
-    assert sorted(e.source for b in got for e in b) == sorted(e.source for e in exs)
+def _take(n: int, count: int, **kw: object) -> list[int]:
+    stream = example_stream(n, **kw)  # type: ignore[arg-type]
+    return [next(stream) for _ in range(count)]
 
 
-def test_batches_are_deterministic_per_seed_and_epoch() -> None:
-    exs = _examples(20)
-
-    def order(seed: int, epoch: int) -> list[str]:
-        return [e.source for b in batches(exs, 4, shuffle=True, seed=seed, epoch=epoch) for e in b]
-
-    assert order(1, 0) == order(1, 0)
-    assert order(1, 0) != order(1, 1)
-    assert order(1, 0) != order(2, 0)
-    assert order(1, 0) != [e.source for e in exs]
+def test_each_epoch_covers_every_example_once() -> None:
+    got = _take(10, 20, seed=0, shuffle=True)
+    assert sorted(got[:10]) == list(range(10)) and sorted(got[10:]) == list(range(10))
+    assert got[:10] != got[10:]  # each epoch has its own order
 
 
-def test_batches_without_shuffle_keep_order() -> None:
-    exs = _examples(5)
-    got = batches(exs, 2, shuffle=False, seed=0, epoch=3)
-    assert [[e.source for e in b] for b in got] == [["row 0", "row 1"], ["row 2", "row 3"], ["row 4"]]
+def test_order_is_deterministic_per_seed() -> None:
+    assert _take(20, 40, seed=1, shuffle=True) == _take(20, 40, seed=1, shuffle=True)
+    assert _take(20, 20, seed=1, shuffle=True) != _take(20, 20, seed=2, shuffle=True)
+    assert _take(20, 20, seed=1, shuffle=True) != list(range(20))
 
 
-def test_batches_reject_bad_size() -> None:
-    with pytest.raises(ValueError):
-        batches(_examples(2), 0, shuffle=False, seed=0, epoch=0)
+def test_without_shuffle_keeps_order() -> None:
+    assert _take(5, 7, seed=0, shuffle=False) == [0, 1, 2, 3, 4, 0, 1]
+
+
+def test_start_continues_the_same_stream() -> None:
+    """Resume: starting at sample k yields exactly what an uninterrupted stream yields from k on."""
+    whole = _take(7, 30, seed=3, shuffle=True)
+    for k in (0, 5, 7, 13):
+        assert _take(7, 30 - k, seed=3, shuffle=True, start=k) == whole[k:]
 
 
 def test_collate_right_pads() -> None:

@@ -106,13 +106,6 @@ def memory_in_use(device: torch.device) -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def peak_memory(device: torch.device) -> int | None:
-    """Peak allocated bytes since start on CUDA; None elsewhere."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return None
-
-
 def free_memory(device: torch.device) -> int:
     """Bytes a run could still use on the device: free CUDA memory, MPS's recommended headroom, or the
     CPU's MemAvailable."""

@@ -1,6 +1,6 @@
 """Training data: read files, convert formats, apply chat templates, tokenize with loss masks, and batch."""
 
-from desktune.data.batching import batches, collate
+from desktune.data.batching import collate, example_stream
 from desktune.data.dataset import DataStats, build_datasets, split_samples
 from desktune.data.encode import (
     IGNORE_INDEX,
@@ -24,7 +24,6 @@ __all__ = [
     "RawRow",
     "Sample",
     "assistant_spans",
-    "batches",
     "build_datasets",
     "collate",
     "convert_rows",
@@ -32,6 +31,7 @@ __all__ = [
     "encode_prompt",
     "encode_sample",
     "encode_samples",
+    "example_stream",
     "read_rows",
     "resolve_chat_template",
     "split_samples",

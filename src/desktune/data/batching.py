@@ -1,30 +1,26 @@
-"""Micro-batches: a deterministic order per seed and epoch, and right-padded tensors."""
+"""Sample order (deterministic per seed and epoch, resumable at any position) and right-padded micro-batches."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from desktune.data.encode import IGNORE_INDEX, Example
 
-T = TypeVar("T")
 
-
-def batches(
-    examples: Sequence[T], micro_batch_size: int, *, shuffle: bool, seed: int, epoch: int
-) -> list[list[T]]:
-    """Split examples into micro-batches (the last may be smaller); shuffled the same way for a seed+epoch."""
-    if micro_batch_size <= 0:
-        raise ValueError("micro_batch_size must be positive")
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [
-        [examples[i] for i in order[k : k + micro_batch_size]] for k in range(0, len(order), micro_batch_size)
-    ]
+def example_stream(n: int, seed: int, shuffle: bool, start: int = 0) -> Iterator[int]:
+    """Sample indices epoch after epoch, each epoch in its own seeded order, from sample number `start` on."""
+    epoch, offset = divmod(start, n)
+    while True:
+        if shuffle:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        yield from order[offset:]
+        offset = 0
+        epoch += 1
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from desktune.config import EMBEDDED_MODEL, ModelConfig
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware
@@ -179,15 +177,3 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> L
     model.requires_grad_(False)
     quantize_in_place(model, quant, cfg.double_quant, hw.dtype, hw.device.type)
     return LoadedModel(model=model, tokenizer=tokenizer, base_path=source, hardware=hw, quant_backend=backend)
-
-
-def param_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by parameters and buffers (quantized storage counted as stored)."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total

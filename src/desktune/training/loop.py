@@ -7,7 +7,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from desktune import __version__
 from desktune.adapters import TrainableReport, attach_lora, trainable_report
 from desktune.config import RunConfig, dump_config
-from desktune.data import Example, build_datasets, collate, resolve_chat_template
+from desktune.data import Example, build_datasets, collate, example_stream, resolve_chat_template
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, detect, human_bytes, memory_in_use, set_threads
 from desktune.memory.budget import fit_to_budget
@@ -167,20 +167,6 @@ def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quie
             console.print(f"note: {note}")
     return Run(cfg=cfg, run_dir=run_dir, loaded=loaded, model=model, train_set=train_set, val_set=val_set,
                data_stats=stats, trainable=report, console=console, quiet=quiet)
-
-
-def example_stream(n: int, seed: int, shuffle: bool, start: int = 0) -> Iterator[int]:
-    """Sample indices epoch after epoch, each epoch in its own seeded order, from sample number `start` on."""
-    epoch, offset = divmod(start, n)
-    while True:
-        if shuffle:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        yield from order[offset:]
-        offset = 0
-        epoch += 1
 
 
 def target_count(examples: list[Example]) -> int:
