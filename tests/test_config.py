@@ -24,7 +24,7 @@ def test_overrides_parse_types_and_nest():
     cfg = load_config({"data": {"train": "x"}}, ["train.lr=1e-4", "lora.target_modules=all-linear",
                                                   "train.gradient_checkpointing=true", "train.max_steps=7",
                                                   "lora.target_modules=[q_proj, v_proj]"])
-    assert cfg.train.lr == 1e-4 and cfg.train.gradient_checkpointing is True and cfg.train.max_steps == 7
+    assert cfg.train.lr == 1e-4 and cfg.train.gradient_checkpointing == "full" and cfg.train.max_steps == 7
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     raw = apply_overrides({}, ["data.train=a.jsonl", "model.name=foo/bar"])
     assert raw == {"data": {"train": "a.jsonl"}, "model": {"name": "foo/bar"}}

@@ -75,14 +75,29 @@ def peft_config(cfg: LoraConfig, targets: list[str] | str) -> Any:
     )
 
 
-def attach_lora(model: torch.nn.Module, cfg: LoraConfig, *, gradient_checkpointing: bool = False) -> Any:
+def enable_checkpointing(model: torch.nn.Module, mode: bool | str) -> int:
+    """Recompute decoder layers in backward: all of them (full / True), or every second one (selective).
+
+    Selective keeps layer 0, 2, 4, ... as they are and checkpoints layers 1, 3, 5, ...: half the recompute
+    for about half the activation memory saved. Returns how many layers recompute.
+    """
+    if not mode:
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    layers = model.get_decoder().layers
+    if mode == "selective":
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i % 2 == 1
+    return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+
+
+def attach_lora(model: torch.nn.Module, cfg: LoraConfig, *, gradient_checkpointing: bool | str = False) -> Any:
     """Wrap a frozen base with trainable LoRA adapters (fp32 adapter weights for stable updates)."""
     from peft import get_peft_model
 
     targets = resolve_targets(model, cfg.target_modules)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    enable_checkpointing(model, gradient_checkpointing)
     with warnings.catch_warnings():
         # int8 bases cannot merge in place; desktune merges into a fresh 16-bit base instead (export/merge.py)
         warnings.filterwarnings("ignore", message=".*TorchaoLoraLinear was instantiated.*")

@@ -68,6 +68,12 @@ class DataConfig(_Strict):
     )
     system_prompt: str | None = Field(None, description="System message added to conversations without one.")
     shuffle: bool = True
+    packing: bool = Field(
+        True, description="Padding-free: a micro-batch's samples share one row, attention never crosses samples."
+    )
+    group_by_length: bool = Field(
+        True, description="Unpacked: sort each step's samples by length before splitting it, to pad less."
+    )
 
 
 class TrainConfig(_Strict):
@@ -83,9 +89,25 @@ class TrainConfig(_Strict):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal[False, "full", "selective"] = Field(
+        False, description="Recompute activations in backward: full (every decoder layer; true means full), "
+        "selective (every second layer: half the recompute, about half the activation memory saved), or false.",
+    )
     chunked_loss: bool = Field(
         True, description="Cross-entropy from hidden states in chunks, target tokens only (false: full logits)."
+    )
+    autocast: Literal["off", "bf16", "fp16"] = Field(
+        "off", description="Mixed precision over an fp32 model: matmuls in bf16/fp16, weights and loss in fp32. "
+        "bf16 pays off only on hardware with native bf16 (recent GPUs, CPUs with AVX512-BF16/AMX).",
+    )
+    compile: bool = Field(False, description="torch.compile each decoder layer (pays off on runs of many steps).")
+    fused_kernels: Literal["auto", "liger", "off"] = Field(
+        "auto", description="liger-kernel's fused RMSNorm/SwiGLU/RoPE on CUDA when installed (auto), required "
+        "(liger), or never (off).",
+    )
+    offload_activations: bool = Field(
+        False, description="Keep saved activations in CPU memory until backward (GPU only: trades PCIe time "
+        "for GPU memory).",
     )
     seed: int = 42
     eval_every: int | None = Field(None, gt=0, description="Validation every N steps (always at the end).")
@@ -95,6 +117,15 @@ class TrainConfig(_Strict):
         "device memory) before loading; refuse to start when nothing fits.",
     )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, v: object) -> object:
+        if v is True or (isinstance(v, str) and v.lower() in ("true", "yes", "on")):
+            return "full"
+        if v is None or (isinstance(v, str) and v.lower() in ("false", "no", "off", "none")):
+            return False
+        return v
 
     @field_validator("memory_budget", mode="before")
     @classmethod

@@ -1,6 +1,6 @@
 """Training data: read files, convert formats, apply chat templates, tokenize with loss masks, and batch."""
 
-from desktune.data.batching import collate, example_stream
+from desktune.data.batching import collate, example_stream, micro_batches, pack
 from desktune.data.dataset import DataStats, build_datasets, split_samples
 from desktune.data.encode import (
     IGNORE_INDEX,
@@ -32,6 +32,8 @@ __all__ = [
     "encode_sample",
     "encode_samples",
     "example_stream",
+    "micro_batches",
+    "pack",
     "read_rows",
     "resolve_chat_template",
     "split_samples",

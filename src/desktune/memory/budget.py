@@ -66,5 +66,5 @@ def fit_to_budget(cfg: RunConfig, hw: Hardware) -> tuple[RunConfig, str | None]:
     fitted = cfg.model_copy(update={"train": train})
     total = estimate(inputs.with_(micro_batch=micro, grad_accum=accum, gradient_checkpointing=ckpt)).total
     return fitted, (f"memory plan: {human_bytes(plan.total)} did not fit {human_bytes(budget)}; using micro-batch "
-                    f"{micro} x accumulation {accum}" + (", gradient checkpointing" if ckpt else "")
+                    f"{micro} x accumulation {accum}" + (f", gradient checkpointing ({ckpt})" if ckpt else "")
                     + f" (predicted {human_bytes(total)}, same effective batch {effective})")

@@ -55,8 +55,9 @@ class PlanInputs:
     lora_dropout: float = 0.05
     use_dora: bool = False
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # False | "full" (True) | "selective"
     chunked_loss: bool = True
+    packed: bool = False  # padding-free rows: no padding, one t x t block mask where a mask is kept
     padded: bool | None = None  # whether batches carry padding (None: when micro_batch > 1)
     target_fraction: float = 1.0  # share of positions that are loss targets (1.0 is the worst case)
 
@@ -69,7 +70,8 @@ class PlanInputs:
                    grad_accum=tr.grad_accum, dtype_bytes=dtype_bytes, device_type=device_type, quant=m.quant,
                    double_quant=m.double_quant, attn_implementation=m.attn_implementation, lora_r=lo.r,
                    lora_targets=targets, lora_dropout=lo.dropout, use_dora=lo.use_dora, optimizer=tr.optimizer,
-                   gradient_checkpointing=tr.gradient_checkpointing, chunked_loss=tr.chunked_loss)
+                   gradient_checkpointing=tr.gradient_checkpointing, chunked_loss=tr.chunked_loss,
+                   packed=cfg.data.packing, padded=False if cfg.data.packing else None)
 
     def with_(self, **changes: object) -> PlanInputs:
         """A copy with some fields changed."""
@@ -366,6 +368,13 @@ def _layer_backward_transient(inputs: PlanInputs, dequant: int = 0) -> int:
     return a * t * arch.hidden + max(mlp_peak, attn_peak)
 
 
+def checkpointed_layers(n_layers: int, mode: bool | str) -> int:
+    """Decoder layers that recompute in backward: all (full / True), every second one (selective), or none."""
+    if mode == "selective":
+        return n_layers // 2
+    return n_layers if mode else 0
+
+
 def estimate(inputs: PlanInputs) -> Plan:
     """The predicted peak memory of one training step, by component."""
     arch, a = inputs.arch, inputs.dtype_bytes
@@ -384,18 +393,24 @@ def estimate(inputs: PlanInputs) -> Plan:
     layer = layer_saved_bytes(inputs)
     dequant = _largest_dequantized(inputs)
     transient_layer = _layer_backward_transient(inputs, dequant)
-    if inputs.gradient_checkpointing:
-        # non-reentrant checkpointing keeps each layer's input (t x H x a); backward recomputes one layer at a time
-        # the attention mask is a checkpointed input too: eager's additive mask (batch x 1 x seq x seq, a), or
-        # sdpa's bool mask when the batch is padded (no mask at all otherwise)
+    n_ckpt = checkpointed_layers(n_layers, inputs.gradient_checkpointing)
+    if n_ckpt:
+        # non-reentrant checkpointing keeps a checkpointed layer's input (t x H x a); backward recomputes one
+        # layer at a time. The attention mask is a checkpointed input too: eager's additive mask (batch x 1 x
+        # seq x seq, a), sdpa's bool mask when the batch is padded, or the packed row's block mask (t x t)
         padded = inputs.padded if inputs.padded is not None else inputs.micro_batch > 1
-        mask_bytes = {"eager": a, "sdpa": 1 if padded else 0}.get(inputs.attn_implementation, 0)
-        kept = n_layers * a * t * arch.hidden + rope + final_norm + mask_bytes * t * inputs.seq_len
+        mask_bytes = {"eager": a, "sdpa": 1 if padded or inputs.packed else 0}.get(inputs.attn_implementation, 0)
+        mask_cols = t if inputs.packed else inputs.seq_len
+        plain = n_layers - n_ckpt  # selective: layer 0 and every second layer after it keep their saved tensors
+        kept = (n_ckpt * a * t * arch.hidden + rope + final_norm + mask_bytes * t * mask_cols
+                + (layer_saved_bytes(inputs, input_requires_grad=False) + (plain - 1) * layer if plain else 0))
         at_loss = kept + loss_peak
         # in fp32 the recomputed input norm saves the checkpointed input itself (no fp32 copy to make)
         recomputed = layer - (4 * t * arch.hidden if a == 4 else 0)
         at_layer = kept - final_norm + recomputed + transient_layer
-        act_note = f"{n_layers} layer inputs kept (checkpointing); a layer's saved tensors when recomputed"
+        act_note = (f"{n_ckpt} layer inputs kept (checkpointing)"
+                    + (f", {plain} layers' saved tensors" if plain else "")
+                    + "; a layer's saved tensors when recomputed")
     else:
         kept = layer_saved_bytes(inputs, input_requires_grad=False) + (n_layers - 1) * layer + rope + final_norm
         at_loss = kept + loss_peak
@@ -423,7 +438,7 @@ def estimate(inputs: PlanInputs) -> Plan:
             Component("logits and loss", loss_peak, _loss_note(inputs)),
         ]
     else:
-        recompute = recomputed if inputs.gradient_checkpointing else 0
+        recompute = recomputed if n_ckpt else 0
         plan.components += [
             Component("activations", kept - final_norm + recompute, act_note),
             Component("layer backward", transient_layer, "gradient temporaries of one layer"
@@ -482,13 +497,15 @@ def largest_fitting(inputs: PlanInputs, budget_bytes: int, max_seq: int = 1 << 2
     return best_seq, best_batch
 
 
-def fit_settings(inputs: PlanInputs, budget_bytes: int, effective_batch: int) -> tuple[int, int, bool] | None:
+def fit_settings(inputs: PlanInputs, budget_bytes: int,
+                 effective_batch: int) -> tuple[int, int, bool | str] | None:
     """(micro_batch, grad_accum, gradient_checkpointing) that fit, keeping micro x accum == effective_batch.
 
-    The largest micro-batch dividing the effective batch, without checkpointing when that fits, else with it.
+    The largest micro-batch dividing the effective batch, without checkpointing when that fits, else with
+    selective checkpointing (half the recompute), else with full checkpointing.
     """
     divisors = [d for d in range(effective_batch, 0, -1) if effective_batch % d == 0]
-    for ckpt in (False, True):
+    for ckpt in (False, "selective", "full"):
         for micro in divisors:
             trial = inputs.with_(micro_batch=micro, grad_accum=effective_batch // micro, gradient_checkpointing=ckpt)
             if estimate(trial).total <= budget_bytes:
@@ -510,8 +527,11 @@ def _candidate_changes(inputs: PlanInputs) -> list[tuple[str, PlanInputs]]:
             out.append((f"micro_batch_size {micro} with grad_accum {accum} (same effective batch)",
                         inputs.with_(micro_batch=micro, grad_accum=accum)))
     if not inputs.gradient_checkpointing:
-        out.append(("gradient checkpointing (train.gradient_checkpointing: true)",
-                    inputs.with_(gradient_checkpointing=True)))
+        out.append(("selective gradient checkpointing (train.gradient_checkpointing: selective)",
+                    inputs.with_(gradient_checkpointing="selective")))
+    if inputs.gradient_checkpointing != "full":
+        out.append(("gradient checkpointing (train.gradient_checkpointing: full)",
+                    inputs.with_(gradient_checkpointing="full")))
     if inputs.quant != "nf4":
         out.append(("4-bit base (model.quant: nf4)", inputs.with_(quant="nf4")))
     return out

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from desktune import __version__
 from desktune.adapters import TrainableReport, attach_lora, trainable_report
 from desktune.config import RunConfig, dump_config
-from desktune.data import Example, build_datasets, collate, example_stream, resolve_chat_template
+from desktune.data import Example, build_datasets, example_stream, micro_batches, resolve_chat_template
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, detect, human_bytes, memory_in_use, set_threads
 from desktune.memory.budget import fit_to_budget
@@ -48,6 +48,7 @@ from desktune.training.resume import (
     truncate_metrics,
 )
 from desktune.training.signals import GracefulStop, TrainingInterrupted
+from desktune.training.speed import Switches, choose_switches, switched_on
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Run:
     quiet: bool = False
     fault_hook: Callable[[int, int], None] | None = None  # tests inject faults here: (step, micro_batch_size)
     fit_note: str | None = None  # what fitting to train.memory_budget changed
+    switches: Switches = field(default_factory=Switches)  # speed/memory switches in use (set by fit)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class RunResult:
     val_losses: list[tuple[int, float]]
     tokens_per_s: float
     wall_s: float
+    train_s: float  # time inside optimizer steps (forward, backward, update): no loading, validation or saving
     trainable: TrainableReport
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -178,16 +181,23 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def batch_ce_sum(model: Any, batch: dict[str, torch.Tensor], device: torch.device,
+                 chunked: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed target cross-entropy of one packed or padded batch (see data.batching)."""
+    b = _to_device(batch, device)
+    return target_ce_sum(model, b["input_ids"], b["labels"], b.get("attention_mask"),
+                         position_ids=b.get("position_ids"), chunked=chunked)
+
+
 @torch.no_grad()
 def validation_loss(model: Any, examples: list[Example], micro_batch_size: int, pad_id: int,
-                    device: torch.device) -> tuple[float, int]:
+                    device: torch.device, packing: bool = False) -> tuple[float, int]:
     """Mean cross-entropy per target token over a dataset (eval mode, no dropout)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), micro_batch_size):
-        b = _to_device(collate(examples[i : i + micro_batch_size], pad_id), device)
-        s, n = target_ce_sum(model, b["input_ids"], b["labels"], b["attention_mask"])
+    for _, batch in micro_batches(examples, micro_batch_size, packing=packing, pad_id=pad_id):
+        s, n = batch_ce_sum(model, batch, device)
         total += float(s)
         count += n
     model.train(was_training)
@@ -217,22 +227,22 @@ def accumulate_gradients(run: Run, examples: list[Example], micro: int, n_target
 
     Returns the summed loss, the tokens seen, and the sources of samples in micro-batches with a non-finite loss.
     """
-    device, pad_id = run.loaded.hardware.device, run.loaded.tokenizer.pad_token_id
+    device, pad_id, data = run.loaded.hardware.device, run.loaded.tokenizer.pad_token_id, run.cfg.data
     loss_sum, tokens, nonfinite = 0.0, 0, []
-    for i in range(0, len(examples), micro):
+    for chunk, batch in micro_batches(examples, micro, packing=data.packing, pad_id=pad_id,
+                                      group_by_length=data.group_by_length):
         if run.fault_hook is not None:
             run.fault_hook(step, micro)
-        batch = _to_device(collate(examples[i : i + micro], pad_id), device)
-        s, _ = target_ce_sum(run.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                             chunked=run.cfg.train.chunked_loss)
+        with run.switches.forward_context(device):
+            s, _ = batch_ce_sum(run.model, batch, device, chunked=run.cfg.train.chunked_loss)
         # normalise by the target tokens of the whole accumulated batch: any micro-batch split is exact
         loss = s / max(n_targets, 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         value = float(s.detach())
         if not math.isfinite(value):
-            nonfinite += [ex.source for ex in examples[i : i + micro]]
+            nonfinite += [ex.source for ex in chunk]
         loss_sum += value
-        tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(ex.input_ids) for ex in chunk)
     return loss_sum, tokens, nonfinite
 
 
@@ -263,6 +273,13 @@ def _diagnose(run: Run, bad_sources: list[str], lr: float) -> str:
 
 def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -> RunResult:
     """Train the adapters of a prepared run (from a checkpoint when `resume` is given) and save them."""
+    hw = run.loaded.hardware
+    with switched_on(run.model, choose_switches(run.cfg, hw.device, hw.dtype)) as switches:
+        run.switches = switches
+        return _fit(run, resume, accept_changes)
+
+
+def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
     cfg, model, device = run.cfg, run.model, run.loaded.hardware.device
     tcfg = cfg.train
     pad_id = run.loaded.tokenizer.pad_token_id
@@ -277,6 +294,7 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
     meta = {"desktune_version": __version__, "base_model": run.loaded.base_path, "quant": cfg.model.quant,
             "quant_backend": run.loaded.quant_backend, "dtype": str(run.loaded.hardware.dtype)[6:]}
     ckpt_dir = run.run_dir / "checkpoints"
+    packed = cfg.data.packing
     train_losses: list[float] = []
     val_losses: list[tuple[int, float]] = []
     tokens_seen, train_time, start, bad_steps, bad_sources = 0, 0.0, 0, 0, []
@@ -317,7 +335,7 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
         else:
             _announce(run, mon, device)
             if run.val_set:
-                v, n = validation_loss(model, run.val_set, micro, pad_id, device)
+                v, n = validation_loss(model, run.val_set, micro, pad_id, device, packed)
                 val_losses.append((0, v))
                 mon.eval(0, v, n)
         model.train()
@@ -385,7 +403,7 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
                      tokens_per_s=step_tokens / dt, mem_bytes=memory_in_use(device), step_s=round(dt, 4),
                      epoch=round(step * per_step / len(run.train_set), 4))
             if run.val_set and tcfg.eval_every and step % tcfg.eval_every == 0 and step != steps:
-                v, n = validation_loss(model, run.val_set, micro, pad_id, device)
+                v, n = validation_loss(model, run.val_set, micro, pad_id, device, packed)
                 val_losses.append((step, v))
                 mon.eval(step, v, n)
             saved = None
@@ -396,7 +414,7 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
                 mon.event(f"{stop.requested}: stopped after step {step}", name="stopped", step=step)
                 raise TrainingInterrupted(step, str(saved))
         if run.val_set:
-            v, n = validation_loss(model, run.val_set, micro, pad_id, device)
+            v, n = validation_loss(model, run.val_set, micro, pad_id, device, packed)
             val_losses.append((steps, v))
             mon.eval(steps, v, n)
         adapter_dir = save_adapter(model, run.loaded.tokenizer, run.run_dir / "adapter",
@@ -407,6 +425,7 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
     return RunResult(run_dir=run.run_dir, adapter_dir=adapter_dir, adapter_bytes=size, steps=steps,
                      train_losses=train_losses, val_losses=val_losses,
                      tokens_per_s=tokens_seen / max(train_time, 1e-9), wall_s=time.perf_counter() - wall0,
+                     train_s=train_time,
                      trainable=run.trainable)
 
 
@@ -424,6 +443,8 @@ def _announce(run: Run, mon: Monitor, device: torch.device) -> None:
     if effective_optimizer(tcfg.optimizer, device) != tcfg.optimizer:
         mon.event(f"{tcfg.optimizer} needs CUDA; using {effective_optimizer(tcfg.optimizer, device)} on "
                   f"{device.type}", optimizer=effective_optimizer(tcfg.optimizer, device))
+    for note in run.switches.notes:
+        mon.event(note, name="switch_off")
 
 
 def find_resume_point(cfg: RunConfig, resume: str | Path | bool) -> Path:

@@ -28,9 +28,11 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, floa
 
 
 def full_logits_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                       attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The standard path: full batch x seq x vocab logits from the model, then cross-entropy (for comparison)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
     targets = labels[:, 1:]
     n = int((targets != IGNORE).sum())
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
@@ -39,12 +41,17 @@ def full_logits_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor
 
 
 def target_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None, *, chunked: bool = True) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over positions whose label is not IGNORE, and how many there are."""
+                  attention_mask: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
+                  chunked: bool = True) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE, and how many there are.
+
+    A packed batch passes `position_ids` (restarting per sample) and no attention mask.
+    """
     if not chunked:
-        return full_logits_ce_sum(model, input_ids, labels, attention_mask)
+        return full_logits_ce_sum(model, input_ids, labels, attention_mask, position_ids)
     decoder, head, softcap = decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
     n = int(keep.sum())
