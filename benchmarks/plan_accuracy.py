@@ -27,9 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from desktune.adapters import attach_lora
 from desktune.config import LoraConfig, TrainConfig
+from desktune.data import pack
+from desktune.data.encode import Example
 from desktune.memory.catalog import ArchSpec
 from desktune.memory.estimate import PlanInputs, estimate
 from desktune.memory.measure import PeakTracker, model_tensors
+from desktune.models.packed_attention import use_packed_attention
 from desktune.training.loss import target_ce_sum
 from desktune.training.optim import make_optimizer
 
@@ -46,21 +49,26 @@ class Setting:
     seq: int
     batch: int
     quant: str = "none"
-    ckpt: bool = False
+    ckpt: bool | str = False  # False, True (full) or "selective"
     chunked: bool = True
     targets: tuple[str, ...] | str = QKVO
     dropout: float = 0.05
     accum: int = 1
     attn: str = "sdpa"
     padded: bool = False  # the first row's last quarter is padding (masked, no targets)
+    packed: bool = False  # the batch's samples in one padding-free row, desktune's packed attention
 
     @property
     def label(self) -> str:
         kind = "qlora" if self.quant == "nf4" else "lora"
         tg = "all" if self.targets == "all-linear" else "".join(t[0] for t in self.targets)
         return (f"{kind} h{self.hidden} L{self.layers} V{self.vocab // 1000}k s{self.seq} b{self.batch}x{self.accum} "
-                f"{'ckpt' if self.ckpt else 'no-ckpt'} {'chunk' if self.chunked else 'full'} {tg} "
-                f"p{self.dropout:g} {self.attn}{' padded' if self.padded else ''}")
+                f"{self.ckpt_name} {'chunk' if self.chunked else 'full'} {tg} "
+                f"p{self.dropout:g} {self.attn}{' padded' if self.padded else ''}{' packed' if self.packed else ''}")
+
+    @property
+    def ckpt_name(self) -> str:
+        return {False: "no-ckpt", True: "ckpt", "selective": "sel-ckpt"}[self.ckpt]
 
     def arch(self) -> ArchSpec:
         heads = self.hidden // 64
@@ -93,6 +101,9 @@ FULL = [
     Setting(512, 4, V49, 512, 4, quant="nf4", targets="all-linear", dropout=0.0),
     Setting(512, 4, V128, 1024, 2),
     Setting(256, 4, V49, 1024, 4, ckpt=True, attn="eager"),
+    Setting(512, 4, V49, 1024, 2, ckpt="selective", targets="all-linear"),
+    Setting(256, 4, V49, 512, 4, packed=True),
+    Setting(256, 4, V128, 512, 2, packed=True, ckpt=True),
 ]
 QUICK = [FULL[0], FULL[4], FULL[5], FULL[16]]
 
@@ -123,31 +134,36 @@ def build(s: Setting, device: torch.device, dtype: torch.dtype) -> torch.nn.Modu
         if s.quant != "none":
             quantize_in_place(model, s.quant, True, dtype, device.type)
     model.requires_grad_(False)
+    if s.packed:
+        use_packed_attention(model)
     lora = LoraConfig(r=16, alpha=32, dropout=s.dropout, target_modules=list(s.targets)
                       if isinstance(s.targets, tuple) else s.targets)
     return attach_lora(model, lora, gradient_checkpointing=s.ckpt)
 
 
-def batch(s: Setting, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, labels, attention_mask) of one micro-batch of random tokens, every real position a target."""
+def batch(s: Setting, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One micro-batch of random tokens, every real position a target: padded rows, or one packed row."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, s.vocab, (s.batch, s.seq), generator=g)
+    if s.packed:
+        return {k: v.to(device) for k, v in pack([Example(input_ids=row, labels=row, source="r")
+                                                  for row in ids.tolist()]).items()}
     mask = torch.ones(s.batch, s.seq, dtype=torch.long)
     if s.padded:
         mask[0, -s.seq // 4:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    return ids.to(device), labels.to(device), mask.to(device)
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
 def predict(s: Setting, device: torch.device, dtype: torch.dtype) -> int:
     """The plan's tensor bytes for the setting."""
-    _, labels, _ = batch(s, 0, torch.device("cpu"))
+    labels = batch(s, 0, torch.device("cpu"))["labels"]
     fraction = int((labels[:, 1:] != -100).sum()) / (s.batch * (s.seq - 1))
     inputs = PlanInputs(arch=s.arch(), seq_len=s.seq, micro_batch=s.batch, grad_accum=s.accum,
                         dtype_bytes=torch.finfo(dtype).bits // 8, device_type=device.type, quant=s.quant,
                         attn_implementation=s.attn, lora_r=16, lora_targets=s.targets, lora_dropout=s.dropout,
                         optimizer="adamw", gradient_checkpointing=s.ckpt, chunked_loss=s.chunked, padded=s.padded,
-                        target_fraction=fraction)
+                        packed=s.packed, target_fraction=fraction)
     return estimate(inputs).tensor_bytes
 
 
@@ -161,8 +177,9 @@ def measure(s: Setting, device: torch.device, dtype: torch.dtype) -> int:
     with PeakTracker(device, model_tensors(model)) as tracker:
         for step in range(2):
             for m in range(s.accum):
-                ids, labels, mask = batches[step * s.accum + m]
-                loss, n = target_ce_sum(model, ids, labels, mask, chunked=s.chunked)
+                b = batches[step * s.accum + m]
+                loss, n = target_ce_sum(model, b["input_ids"], b["labels"], b.get("attention_mask"),
+                                        position_ids=b.get("position_ids"), chunked=s.chunked)
                 (loss / (n * s.accum)).backward()
                 del loss
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -35,6 +35,7 @@ AdapterOpt = Annotated[
 ]
 Dtype = Enum("Dtype", {v: v for v in ("auto", "bf16", "fp16", "fp32")}, type=str)
 Quant = Enum("Quant", {v: v for v in ("none", "nf4", "int8")}, type=str)
+Checkpointing = Enum("Checkpointing", {v: v for v in ("full", "selective", "off")}, type=str)
 Device = Enum("Device", {v: v for v in ("auto", "cpu", "cuda", "mps")}, type=str)
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute precision.")]
 QuantOpt = Annotated[Quant, typer.Option("--quant", help="Load the base in 4-bit NF4 or 8-bit.")]
@@ -114,8 +115,8 @@ def plan(
     lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.")] = None,
     targets: Annotated[str | None, typer.Option(help="LoRA targets: all-linear or q_proj,k_proj,...")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit.")] = None,
-    checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing",
-                                                       help="Gradient checkpointing.")] = None,
+    checkpointing: Annotated[Checkpointing | None, typer.Option(
+        help="Gradient checkpointing: full (every layer), selective (every second layer) or off.")] = None,
     full_loss: Annotated[bool, typer.Option("--full-loss", help="Plan the full-logits loss, not chunked.")] = False,
     device: Annotated[str, typer.Option(help="cuda, cpu or mps (default: the config's device; cuda "
                                          "with --model).")] = "",
@@ -139,7 +140,7 @@ def plan(
     for key, value in (("data.max_seq_len", seq_len), ("train.micro_batch_size", micro_batch),
                        ("train.grad_accum", grad_accum), ("model.quant", quant.value if quant else None),
                        ("lora.r", lora_r), ("train.optimizer", optimizer),
-                       ("train.gradient_checkpointing", checkpointing)):
+                       ("train.gradient_checkpointing", checkpointing.value if checkpointing else None)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if targets:

@@ -30,7 +30,7 @@ CUDA_CONTEXT_BYTES = 400 * MiB  # CUDA context + kernels: 300-500 MiB per proces
 # cuBLAS workspace, allocated through PyTorch's caching allocator: 4096 KiB x 8 by default on Hopper and newer
 # (CUBLAS_WORKSPACE_CONFIG=:4096:8), 4096 KiB x 2 + 16 KiB x 8 on older GPUs; the larger is assumed
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
-CHUNK_TOKENS = 1024  # desktune.training.loss.CHUNK_TOKENS
+LOSS_CHUNK_BYTES = 64 * 2**20  # desktune.training.loss.LOSS_CHUNK_BYTES
 NF4_BLOCK = 64  # weights per absmax (QLoRA / bitsandbytes / torchao)
 NF4_SCALER_BLOCK = 256  # absmax values per double-quantization group
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes 8-bit optimizers keep 32-bit state for tensors smaller than this
@@ -309,15 +309,22 @@ def _largest_dequantized(inputs: PlanInputs) -> int:
     return total
 
 
+def loss_chunk_rows(vocab: int) -> int:
+    """desktune.training.loss.chunk_rows: target rows whose fp32 logits fill LOSS_CHUNK_BYTES."""
+    return max(16, min(4096, LOSS_CHUNK_BYTES // (4 * vocab)))
+
+
 def _loss_bytes(inputs: PlanInputs) -> tuple[int, int]:
     """(saved after forward, peak while computing) of the output head and cross-entropy.
 
     Rows: N = target positions. Full logits (the standard path): the model returns batch x seq x V logits
     (a), `.float()` / flattening copies them to fp32 (for a != 4 or micro_batch > 1), and log_softmax saves its
     fp32 output. Its backward holds that output, nll_loss's gradient and log_softmax's gradient at once:
-    3 x N x V x 4. Chunked (desktune): the same per chunk of at most 1024 rows; with more than one chunk each
-    chunk is checkpointed (nothing saved but the gathered hidden rows, N x H x a, and the gather's int64
-    indices) and recomputed in backward. Gemma 2's final soft-cap saves a tanh output (x V x 4) more.
+    3 x N x V x 4. Chunked (desktune): the hidden rows at target positions are gathered (N x H x a) and the
+    gradient for them (N x H x a) is formed in forward one chunk of rows at a time: the chunk's fp32 logits,
+    worked on in place (plus the a-byte logits they are copied from when a != 4), and the chunk's row gradient.
+    Only that gradient and the gather's indices are saved. Gemma 2's final soft-cap keeps a tanh and a scaled
+    copy (2 x V x 4) more per row.
     """
     arch, a = inputs.arch, inputs.dtype_bytes
     b, s = inputs.micro_batch, inputs.seq_len
@@ -330,17 +337,11 @@ def _loss_bytes(inputs: PlanInputs) -> tuple[int, int]:
         fwd = a * b * s * v + copy + saved + cap * n * v
         bwd = saved + 8 * n * v
         return saved, max(fwd, bwd)
-    rows = min(n, CHUNK_TOKENS)
-    gathered = a * n * h  # hidden rows at target positions
-    index = 9 * n  # the gather saves its bool mask; the int64 targets
-    per_chunk_saved = (4 + cap) * rows * v
-    fwd_chunk = a * rows * v + (4 * rows * v if a != 4 else 0) + per_chunk_saved + cap * rows * v
-    bwd_chunk = per_chunk_saved + 8 * rows * v
-    if n <= CHUNK_TOKENS:  # the gathered rows feed a frozen head only: not saved
-        return index + per_chunk_saved, index + max(gathered + fwd_chunk, bwd_chunk)
-    # several chunks: each checkpoint keeps its slice of the gathered rows; their gradient (a x N x H)
-    # accumulates chunk by chunk, plus one chunk's slice-backward buffer
-    return index + gathered, index + gathered + max(fwd_chunk, bwd_chunk + 2 * a * n * h)
+    rows = min(n, loss_chunk_rows(v))
+    index = 9 * n  # the gather's bool mask and the int64 targets
+    saved = index + a * n * h  # the row gradient
+    chunk = rows * v * (4 + 2 * cap + (a if a != 4 else 0)) + a * rows * h
+    return saved, saved + a * n * h + chunk
 
 
 def _layer_backward_transient(inputs: PlanInputs, dequant: int = 0) -> int:
@@ -461,7 +462,7 @@ def _optim_note(inputs: PlanInputs) -> str:
 
 def _loss_note(inputs: PlanInputs) -> str:
     if inputs.chunked_loss:
-        return f"chunked: ≤{CHUNK_TOKENS} rows x {inputs.arch.vocab} vocab at a time"
+        return f"chunked: ≤{loss_chunk_rows(inputs.arch.vocab)} rows x {inputs.arch.vocab} vocab at a time"
     return f"full logits: {inputs.micro_batch} x {inputs.seq_len} x {inputs.arch.vocab}, fp32 log-softmax"
 
 
