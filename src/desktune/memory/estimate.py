@@ -404,7 +404,7 @@ def estimate(inputs: PlanInputs) -> Plan:
         mask_cols = t if inputs.packed else inputs.seq_len
         plain = n_layers - n_ckpt  # selective: layer 0 and every second layer after it keep their saved tensors
         kept = (n_ckpt * a * t * arch.hidden + rope + final_norm + mask_bytes * t * mask_cols
-                + (layer_saved_bytes(inputs, input_requires_grad=False) + (plain - 1) * layer if plain else 0))
+                + plain * layer)  # checkpointing makes the embeddings' output require grad: layer 0 saves it all
         at_loss = kept + loss_peak
         # in fp32 the recomputed input norm saves the checkpointed input itself (no fp32 copy to make)
         recomputed = layer - (4 * t * arch.hidden if a == 4 else 0)
