@@ -17,8 +17,9 @@ Reported: tokens/s (rows x seq / training-loop seconds: first step's begin to la
 included), peak VRAM from the start of training to its end (torch.cuda.max_memory_allocated and
 max_memory_reserved, model weights included), each system's last logged train loss, an all-token validation loss
 on 2 held-out rows (the shared full-logits function of recipe_common, run on the trained model in its own process),
-and MFU % against the best measured bf16 8192^3 matmul, with the FLOP formula of vs_standard_recipe.py
-(4*P_frozen*l + 6*P_lora*l + 6*n_layers*l^2*(n_heads*head_dim) + 4*V*hidden*n_scored, n_scored = seq - 1 a row).
+MFU % against the best measured bf16 8192^3 matmul with the FLOP formula of vs_standard_recipe.py
+(4*P_frozen*l + 6*P_lora*l + 6*n_layers*l^2*(n_heads*head_dim) + 4*V*hidden*n_scored, n_scored = seq - 1 a row),
+and the CPU cores other processes kept busy during each timed run.
 Published reference: torchtune, Llama 3.1 8B QLoRA on one RTX 4090: 7.4 GiB peak, 2413 tokens/s.
 
     HF_HUB_OFFLINE=1 python benchmarks/gpu_qlora.py [--steps 6] [--seq 2048] [--model-dir DIR] [--keep]
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{n_rows} rows x {seq} tokens, micro-batch 2 x accumulation 4; device: {hw['name']}")
     head = (f"{'system':<9} {'base':<11} {'steps':>5} {'train s':>8} {'tokens/s':>9} {'speedup':>8} "
             f"{'max alloc GiB':>13} {'max resv GiB':>12} {'RSS GiB':>8} {'train loss':>10} {'val loss':>9} "
-            f"{'MFU %':>6}")
+            f"{'MFU %':>6} {'other':>6}")
     print(head)
     print("-" * len(head))
     for system in SYSTEMS:
@@ -235,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         resv = "-" if r["reserved_bytes"] is None else f"{r['reserved_bytes'] / GiB:.2f}"
         print(f"{system:<9} {backend:<11} {r['steps']:>5} {r['train_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
               f"{ref['train_s'] / r['train_s']:>7.2f}x {r['peak_bytes'] / GiB:>13.2f} {resv:>12} "
-              f"{r['rss_bytes'] / GiB:>8.2f} {r['final_loss']:>10.4f} {r['val']['all']:>9.4f} {r['mfu_pct']:>6.2f}")
+              f"{r['rss_bytes'] / GiB:>8.2f} {r['final_loss']:>10.4f} {r['val']['all']:>9.4f} {r['mfu_pct']:>6.2f} "
+              f"{r['other_cores']:>6.2f}")
     print(f"tokens per system (expected {tokens}): " + ", ".join(f"{s} {res[s]['tokens']}" for s in SYSTEMS)
           + f"; trl_best attention: {attn_best}; gradient checkpointing: "
-          + ", ".join(f"{s} {'on' if res[s].get('gradient_checkpointing') else 'off'}" for s in SYSTEMS))
+          + ", ".join(f"{s} {'on' if res[s].get('gradient_checkpointing') else 'off'}" for s in SYSTEMS)
+          + "; other: CPU cores other processes kept busy during the timed run")
     if not cuda:
         print("CPU: max alloc = live tensors tracked by PeakTracker during the timed run (its dispatch mode slows "
               "the run); TRL unquantized, desktune NF4 (torchao): plumbing only, not a comparison")
