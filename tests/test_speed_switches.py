@@ -26,8 +26,10 @@ def _batch() -> dict[str, torch.Tensor]:
     return pack(exs)
 
 
-def _lora_model(model_dir, seed: int = 0):
+def _lora_model(model_dir, seed: int = 0, checkpointing: str | None = None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if checkpointing:
+        assert enable_checkpointing(model, checkpointing) == {"full": 2, "selective": 1}[checkpointing]  # of 2
     torch.manual_seed(seed)
     peft = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
     for name, p in peft.named_parameters():  # non-zero B so every adapter gradient is non-trivial
@@ -49,14 +51,7 @@ def _loss_and_grads(model, switches: Switches | None = None) -> tuple[torch.Tens
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointing_modes_give_the_same_gradients(tiny_model_dir, mode):
     ref = _loss_and_grads(_lora_model(tiny_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    recomputed = enable_checkpointing(model, mode)
-    assert recomputed == {"full": 2, "selective": 1}[mode]  # of the tiny model's 2 layers
-    torch.manual_seed(0)
-    peft = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    peft = _lora_model(tiny_model_dir, checkpointing=mode)
     peft.train()
     got = _loss_and_grads(peft)
     torch.testing.assert_close(got[0], ref[0])
