@@ -8,7 +8,6 @@ Runs on a tiny random Llama (CPU, fp32, deterministic), LoRA dropout on so the R
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -25,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.tiny import make_model_dir, tiny_config  # noqa: E402
 
+from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of  # noqa: E402
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -34,18 +35,16 @@ def desktune(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 
 def trace(run_dir: Path) -> list[tuple]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["type"], r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss"))
-            for r in recs if r["type"] in ("train", "eval")]
+    recs = read_records(RunDir(run_dir).metrics)
+    return [(r.kind, r.step, getattr(r, "loss", None), getattr(r, "lr", None), getattr(r, "grad_norm", None),
+             getattr(r, "val_loss", None)) for r in recs if r.kind in ("train", "eval")]
 
 
 def last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()
-             if line.strip() and '"type": "train"' in line]
-    return max(steps, default=0)
+    return max((r.step for r in records_of(read_records(path), TrainRecord)), default=0)
 
 
 def kill_at(cfg: Path, name: str, step: int, during_checkpoint: bool, timeout: float = 300) -> str:
@@ -56,7 +55,8 @@ def kill_at(cfg: Path, name: str, step: int, during_checkpoint: bool, timeout: f
     start = time.time()
     while proc.poll() is None and time.time() - start < timeout:
         if during_checkpoint:
-            tmp = list((run_dir / "checkpoints").glob(".step-*")) if (run_dir / "checkpoints").exists() else []
+            folder = RunDir(run_dir).checkpoints
+            tmp = list(folder.glob(".step-*")) if folder.exists() else []
             if tmp and last_step(run_dir) >= step:
                 time.sleep(0.3)  # mid-write: files written, not yet renamed
                 proc.send_signal(signal.SIGKILL)
@@ -105,14 +105,14 @@ def main() -> None:
         if res.wait() != 0:
             raise SystemExit(f"resume of {name} failed: {res.stderr.read()[-2000:]}")
         run_dir = work / "runs" / name
-        resumed = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                       if '"resumed"' in line)
-        w = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+        resumed = next(e for e in records_of(read_records(RunDir(run_dir).metrics), EventRecord)
+                       if e.name == "resumed")
+        w = load_file(str(RunDir(run_dir).adapter / "adapter_model.safetensors"))
         diff = max(float((w[k].double() - ref_w[k].double()).abs().max()) for k in ref_w)
         same_metrics = trace(run_dir) == ref_trace
         worst = max(worst, diff)
         identical += int(diff == 0.0 and same_metrics and w.keys() == ref_w.keys())
-        print(f"{name:<8} {where:<62} {'step ' + str(resumed['step']):<14} {diff:>10.3g} "
+        print(f"{name:<8} {where:<62} {'step ' + str(resumed.step):<14} {diff:>10.3g} "
               f"{'same' if same_metrics else 'DIFF':>8}", flush=True)
     print(f"RESULT resume_runs={len(plan)} resume_identical={identical} max_abs_weight_diff={worst:g}")
 

@@ -409,6 +409,7 @@ def desktune_train(spec: dict[str, Any]) -> dict[str, Any]:
     """Train with desktune: `setup` then `fit` (what desktune.train does), PeakTracker around `fit` when
     spec['track'] or on CUDA (where it only reads the allocator's peak)."""
     from desktune.memory.measure import PeakTracker, model_tensors
+    from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
     from desktune.training.loop import fit, setup
 
     cfg = desktune_config(spec)
@@ -423,16 +424,16 @@ def desktune_train(spec: dict[str, Any]) -> dict[str, Any]:
         result = fit(run)
     snap1 = cpu_snapshot()
     rss = peak_rss_bytes()
-    recs = read_jsonl(result.run_dir / "metrics.jsonl")
-    steps = [r for r in recs if r["type"] == "train"]
+    recs = read_records(RunDir(result.run_dir).metrics)
+    steps = records_of(recs, TrainRecord)
     out = {"system": "desktune", "train_s": result.train_s, "steps": result.steps,
            "final_loss": result.train_losses[-1], "adapter_dir": str(result.adapter_dir),
-           "tokens": sum(r["tokens"] for r in steps), "n_scored": sum(r["target_tokens"] for r in steps),
+           "tokens": sum(r.tokens for r in steps), "n_scored": sum(r.target_tokens for r in steps),
            "peak_bytes": tracker.peak_bytes if track else None,
            "reserved_bytes": int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None,
            "rss_bytes": rss, "other_cores": foreign_cores(snap0, snap1),
            "gradient_checkpointing": bool(getattr(run.model.get_base_model(), "is_gradient_checkpointing", False)),
-           "truncated": sum(1 for r in recs if r["type"] == "event" and "truncated" in r)}
+           "truncated": sum(1 for e in records_of(recs, EventRecord) if e.name == "truncated")}
     if spec.get("val_ids_file"):
         out["val"] = asdict(validation_loss(run.model, _val_ids(spec), device))
     return out

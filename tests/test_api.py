@@ -36,3 +36,13 @@ def test_api_functions_survive_importing_every_module():
         importlib.import_module(mod.name)
     for name in ("train", "generate", "merge", "demo", "load_config"):
         assert inspect.isfunction(getattr(desktune, name)), name
+
+
+def test_public_names_resolve_and_star_import_works():
+    namespace: dict = {}
+    exec("from desktune import *", namespace)
+    assert set(desktune.__all__) <= namespace.keys()
+    assert namespace["RunConfig"] is desktune.RunConfig and desktune.RunConfig.__name__ == "RunConfig"
+    assert desktune.RunResult.__name__ == "RunResult"
+    with pytest.raises(AttributeError):
+        desktune.not_a_name  # noqa: B018

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from desktune import cli
 from tests.tiny import tiny_config
 
-VERBS = ["demo", "train", "chat", "generate", "merge"]
+VERBS = ["demo", "train", "plan", "chat", "generate", "merge"]
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -100,3 +100,48 @@ def test_console_script_entry_point(tmp_path):
 def test_bad_choice_is_a_usage_error(monkeypatch, capsys):
     code, out, err = run_main(monkeypatch, capsys, "generate", "hi", "--dtype", "fp8")
     assert code == 2 and "fp8" in err and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(("verb", "option", "value"), [("merge", "--dtype", "fp8"), ("plan", "--dtype", "int3"),
+                                                       ("plan", "--device", "tpu"), ("plan", "--optimizer", "sgd")])
+def test_fixed_value_options_are_choices(monkeypatch, capsys, tmp_path, verb, option, value):
+    first = [str(tmp_path), "-o", str(tmp_path / "m")] if verb == "merge" else ["--model", "llama-3.2-1b"]
+    code, out, err = run_main(monkeypatch, capsys, verb, *first, option, value)
+    assert code == 2 and f"'{value}' is not one of" in " ".join(err.split()) and "Traceback" not in out + err
+
+
+def test_every_verb_is_listed_in_help_and_the_module_docstring():
+    listed = CliRunner().invoke(cli.app, ["--help"], env={"COLUMNS": "120"}).output
+    commands = sorted(c.name or c.callback.__name__ for c in cli.app.registered_commands)
+    assert commands == sorted(VERBS)
+    assert all(verb in listed and verb in cli.__doc__ for verb in commands)
+
+
+def test_version_comes_from_the_package_metadata(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    import desktune
+
+    code, out, _ = run_main(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"desktune {version('desktune')}" == f"desktune {desktune.__version__}"
+
+
+def test_plan_list_prints_the_catalog(monkeypatch, capsys):
+    from desktune.memory.catalog import CATALOG
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_main(monkeypatch, capsys, "plan", "--list")
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == len(CATALOG) and all(any(name in r for r in rows) for name in CATALOG)
+    assert "smollm2-135m-instruct" in out  # the embedded model's aliases are shown
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_debug_mode_adds_the_cause(monkeypatch, capsys, tmp_path, debug):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    monkeypatch.setenv("DESKTUNE_DEBUG", debug)
+    code, _, err = run_main(monkeypatch, capsys, "train", str(bad))
+    assert code == 2 and "invalid YAML" in err
+    assert ("Traceback" in err and "yaml.parser.ParserError" in err) == bool(debug)

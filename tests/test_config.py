@@ -85,3 +85,15 @@ def test_dump_round_trips(tmp_path: Path):
     cfg = load_config({"data": {"train": "x"}}, ["lora.r=4", "train.seed=7"])
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(yaml.safe_load((tmp_path / "c.yaml").read_text())) == cfg
+
+
+def test_keys_a_resume_may_change_are_declared_on_the_fields():
+    from desktune.config import resume_may_change
+    from desktune.training.resume import config_fingerprint
+
+    volatile = resume_may_change()
+    assert volatile == {"output_dir", "run_name", "checkpoint.every", "checkpoint.keep_last", "train.threads",
+                        "train.eval_every", "train.device", "train.memory_budget", "train.micro_batch_size",
+                        "train.grad_accum", "train.gradient_checkpointing"}
+    fingerprint = config_fingerprint(load_config({"data": {"train": "x.jsonl"}}))
+    assert not volatile & fingerprint.keys() and {"train.lr", "lora.r", "data.train"} <= fingerprint.keys()

@@ -111,9 +111,10 @@ def test_loss_memory_is_one_chunk_of_logits_at_a_128k_vocabulary():
     assert extra < 1.2 * loss_mod.LOSS_CHUNK_BYTES < full_logits / 6  # one chunk of logits, worked on in place
 
 
-def test_planner_uses_the_loss_chunk_size():
-    from desktune.memory.estimate import LOSS_CHUNK_BYTES, loss_chunk_rows
+def test_planner_and_loss_share_one_chunk_size():
+    from desktune import constants
+    from desktune.memory import estimate
 
-    assert LOSS_CHUNK_BYTES == loss_mod.LOSS_CHUNK_BYTES
-    for vocab in (300, 32_000, 49_152, 128_256, 256_000):
-        assert loss_chunk_rows(vocab) == chunk_rows(vocab)
+    assert estimate.chunk_rows is loss_mod.chunk_rows is constants.chunk_rows  # one definition, no mirror
+    assert loss_mod.LOSS_CHUNK_BYTES == constants.LOSS_CHUNK_BYTES
+    assert [chunk_rows(v) for v in (300, 49_152, 128_256)] == [4096, 341, 130]

@@ -10,8 +10,8 @@ from desktune.config import load_config
 from desktune.errors import DesktuneError
 from desktune.memory.budget import plan_run
 from desktune.memory.source import arch_for_model
+from desktune.runs import EventRecord, read_records, records_of
 from desktune.training.loop import train
-from desktune.training.monitor import read_metrics
 from tests.tiny import tiny_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -76,5 +76,6 @@ def test_train_fits_micro_batch_to_the_budget_keeping_the_effective_batch(tiny_m
     result = train(load_config(raw, [f"train.memory_budget={budget}"]), quiet=True)
     fitted = load_config(result.run_dir / "config.yaml").train
     assert fitted.micro_batch_size < 4 and fitted.micro_batch_size * fitted.grad_accum == 4
-    events = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r.get("name") == "memory_fit"]
-    assert events and events[0]["micro_batch_size"] == fitted.micro_batch_size
+    events = [r for r in records_of(read_records(result.run_dir / "metrics.jsonl"), EventRecord)
+              if r.name == "memory_fit"]
+    assert events and events[0].data["micro_batch_size"] == fitted.micro_batch_size

@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 
 from desktune.config import load_config
 from desktune.errors import DesktuneError
+from desktune.runs import EventRecord, RunDir, is_complete_checkpoint, read_records, records_of
 from desktune.training import checkpoint as ckpt_mod
-from desktune.training import loop
+from desktune.training import objectives
 from desktune.training.loop import fit, setup, train
-from desktune.training.monitor import read_metrics
 from desktune.training.signals import TrainingInterrupted
-from tests.tiny import tiny_config
+from tests.tiny import inject_fault, tiny_config
 
 STEPS = 6
 
@@ -27,9 +27,9 @@ def _cfg(tiny_model_dir, tmp_path, name: str, **extra):
 
 
 def _trace(run_dir):
-    recs = read_metrics(run_dir / "metrics.jsonl")
-    return [(r["type"], r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss"))
-            for r in recs if r["type"] in ("train", "eval")]
+    recs = read_records(run_dir / "metrics.jsonl")
+    return [(r.kind, r.step, getattr(r, "loss", None), getattr(r, "lr", None), getattr(r, "grad_norm", None),
+             getattr(r, "val_loss", None)) for r in recs if r.kind in ("train", "eval")]
 
 
 def _weights(run_dir):
@@ -56,7 +56,7 @@ def _assert_identical(result, reference):
     assert _trace(result.run_dir) == _trace(reference.run_dir)
 
 
-def test_crash_then_resume_is_bit_identical(tiny_model_dir, tmp_path, reference):
+def test_crash_then_resume_is_bit_identical(tiny_model_dir, tmp_path, reference, monkeypatch):
     cfg = _cfg(tiny_model_dir, tmp_path, "crash")
     run = setup(cfg, quiet=True)
 
@@ -64,18 +64,20 @@ def test_crash_then_resume_is_bit_identical(tiny_model_dir, tmp_path, reference)
         if step == 5:
             raise RuntimeError("power cut")
 
-    run.fault_hook = crash
+    inject_fault(monkeypatch, crash)
     with pytest.raises(RuntimeError, match="power cut"):
         fit(run)
+    monkeypatch.undo()
     assert not (run.run_dir / "adapter").exists()
     resumed = train(cfg, quiet=True, resume=True)  # latest checkpoint of run_name 'crash': step 4
     assert resumed.run_dir == run.run_dir
-    events = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r["type"] == "event"]
-    assert any(e.get("name") == "resumed" and e["step"] == 4 for e in events)
+    events = records_of(read_records(run.run_dir / "metrics.jsonl"), EventRecord)
+    assert any(e.name == "resumed" and e.step == 4 for e in events)
     _assert_identical(resumed, reference)
 
 
-def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, reference, interactive_sigint):
+def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, reference, interactive_sigint,
+                                                    monkeypatch):
     cfg = _cfg(tiny_model_dir, tmp_path, "sig")
     run = setup(cfg, quiet=True)
 
@@ -86,7 +88,7 @@ def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, re
             sent.append(step)
             os.kill(os.getpid(), signal.SIGINT)
 
-    run.fault_hook = ctrl_c
+    inject_fault(monkeypatch, ctrl_c)
     with pytest.raises(TrainingInterrupted) as stop:
         fit(run)
     assert stop.value.step == 3 and stop.value.checkpoint.endswith("step-000003")
@@ -108,12 +110,13 @@ def test_an_ignored_sigint_stays_ignored(tiny_model_dir, tmp_path):
         signal.signal(signal.SIGINT, old)
 
 
-def test_changed_data_or_config_is_refused_unless_accepted(tiny_model_dir, tmp_path):
+def test_changed_data_or_config_is_refused_unless_accepted(tiny_model_dir, tmp_path, monkeypatch):
     cfg = _cfg(tiny_model_dir, tmp_path, "changed", data={"val_fraction": 0.0})
     run = setup(cfg, quiet=True)
-    run.fault_hook = lambda step, micro: (_ for _ in ()).throw(RuntimeError("stop")) if step == 3 else None
+    inject_fault(monkeypatch, lambda step, micro: (_ for _ in ()).throw(RuntimeError("stop")) if step == 3 else None)
     with pytest.raises(RuntimeError):
         fit(run)
+    monkeypatch.undo()
     with open(cfg.data.train, "a", encoding="utf-8") as f:
         f.write('{"messages": [{"role": "user", "content": "new"}, {"role": "assistant", "content": "row"}]}\n')
     with pytest.raises(DesktuneError, match=r"data file .*train.jsonl changed"):
@@ -139,12 +142,12 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tmp_path
         train(cfg, quiet=True)
     folders = sorted(p.name for p in (tmp_path / "runs" / "disk" / "checkpoints").iterdir())
     assert folders == ["step-000002"]  # no half-written step-4, no temporary folder left
-    assert ckpt_mod.latest_checkpoint(tmp_path / "runs" / "disk").name == "step-000002"
+    assert RunDir(tmp_path / "runs" / "disk").latest_checkpoint().name == "step-000002"
 
 
 def test_non_finite_steps_are_skipped_then_diagnosed(tiny_model_dir, tmp_path, monkeypatch):
     cfg = _cfg(tiny_model_dir, tmp_path, "nan")
-    real = loop.target_ce_sum
+    real = objectives.target_ce_sum
     calls = {"n": 0}
 
     def nan_after_step_2(model, *args, **kwargs):
@@ -154,7 +157,7 @@ def test_non_finite_steps_are_skipped_then_diagnosed(tiny_model_dir, tmp_path, m
         calls["n"] += 1
         return (total * float("nan"), n) if calls["n"] > 2 * 2 else (total, n)  # 2 micro-batches per step
 
-    monkeypatch.setattr(loop, "target_ce_sum", nan_after_step_2)
+    monkeypatch.setattr(objectives, "target_ce_sum", nan_after_step_2)
     before = None
     with pytest.raises(DesktuneError) as e:
         run = setup(cfg, quiet=True)
@@ -163,12 +166,13 @@ def test_non_finite_steps_are_skipped_then_diagnosed(tiny_model_dir, tmp_path, m
     msg = str(e.value)
     assert "3 steps in a row had non-finite losses" in msg and "train.jsonl:" in msg
     assert "learning rate 7.5e-03 is high" in msg and "step-000002" in msg
-    events = [r for r in read_metrics(before / "metrics.jsonl") if r["type"] == "event" and r["name"] == "nonfinite"]
-    assert [ev["step"] for ev in events] == [3, 4, 5]
-    assert ckpt_mod.latest_checkpoint(before).name == "step-000002"
+    events = [r for r in records_of(read_records(before / "metrics.jsonl"), EventRecord) if r.name == "nonfinite"]
+    assert [ev.step for ev in events] == [3, 4, 5]
+    assert RunDir(before).latest_checkpoint().name == "step-000002"
 
 
-def test_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(tiny_model_dir, tmp_path, interactive_sigint):
+def test_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(tiny_model_dir, tmp_path, interactive_sigint,
+                                                                  monkeypatch):
     cfg = _cfg(tiny_model_dir, tmp_path, "twice")
     run = setup(cfg, quiet=True)
 
@@ -176,11 +180,11 @@ def test_second_ctrl_c_stops_at_once_without_a_partial_checkpoint(tiny_model_dir
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # first: finish the step; second (next micro-batch): stop now
 
-    run.fault_hook = ctrl_c_twice
+    inject_fault(monkeypatch, ctrl_c_twice)
     with pytest.raises(KeyboardInterrupt):
         fit(run)
     names = sorted(p.name for p in (run.run_dir / "checkpoints").iterdir())
-    assert names == ["step-000002"] and ckpt_mod.is_complete(run.run_dir / "checkpoints" / "step-000002")
+    assert names == ["step-000002"] and is_complete_checkpoint(run.run_dir / "checkpoints" / "step-000002")
     assert not (run.run_dir / "adapter").exists()
 
 
@@ -188,17 +192,18 @@ def test_fp16_loss_scaler_state_is_checkpointed(tiny_model_dir, tmp_path):
     state = ckpt_mod.load_state(train(_cfg(tiny_model_dir, tmp_path, "sc"), quiet=True).run_dir
                                 / "checkpoints" / "step-000004")
     assert {"optimizer", "scheduler", "scaler", "rng", "step", "micro_batch_size", "config_fingerprint",
-            "data_fingerprint"} <= state.keys()
-    assert state["step"] == 4 and set(state["rng"]) >= {"python", "numpy", "torch"}
+            "data_fingerprint"} <= state.to_dict().keys()
+    assert state.step == 4 and set(state.rng) >= {"python", "numpy", "torch"}
 
 
-def test_resume_accepts_a_different_micro_batch_split(tiny_model_dir, tmp_path, reference):
+def test_resume_accepts_a_different_micro_batch_split(tiny_model_dir, tmp_path, reference, monkeypatch):
     """micro x accumulation is what the fingerprint keeps: 1 x 4 resumes a 2 x 2 run exactly (same samples)."""
     cfg = _cfg(tiny_model_dir, tmp_path, "split")
     run = setup(cfg, quiet=True)
-    run.fault_hook = lambda step, micro: (_ for _ in ()).throw(RuntimeError("stop")) if step == 5 else None
+    inject_fault(monkeypatch, lambda step, micro: (_ for _ in ()).throw(RuntimeError("stop")) if step == 5 else None)
     with pytest.raises(RuntimeError):
         fit(run)
+    monkeypatch.undo()
     other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 1, "grad_accum": 4})})
     resumed = train(other, quiet=True, resume=True)
     a, b = _weights(resumed.run_dir), _weights(reference.run_dir)

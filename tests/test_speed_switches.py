@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from transformers.models.llama import modeling_llama
 
 from desktune.adapters import attach_lora, enable_checkpointing
 from desktune.config import LoraConfig, load_config
@@ -13,7 +17,7 @@ from desktune.data import IGNORE_INDEX, pack
 from desktune.data.encode import Example
 from desktune.training.loop import train
 from desktune.training.loss import target_ce_sum
-from desktune.training.speed import Switches, choose_switches, compile_layers, switched_on
+from desktune.training.speed import Switches, choose_switches, compile_layers, patching, switched_on
 from tests.tiny import tiny_config
 
 
@@ -124,3 +128,110 @@ def test_run_with_switches_logs_notes_and_restores_attention(tiny_model_dir, tmp
     log = (result.run_dir / "metrics.jsonl").read_text()
     assert "liger needs CUDA" in log
     assert load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+
+
+class _FakeLigerNorm(modeling_llama.LlamaRMSNorm):
+    pass
+
+
+def _fake_liger(monkeypatch, *, fail: bool = False) -> list[str]:
+    """Put a stand-in `liger_kernel.transformers` in sys.modules that patches like liger does: an instance
+    forward, submodule attributes (new and replaced), a submodule's class and the modeling module's globals."""
+    calls: list[str] = []
+    # registered first, so the real globals come back at teardown even if switched_on failed to restore them
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", modeling_llama.LlamaRMSNorm)
+
+    def apply(*, model, cross_entropy, fused_linear_cross_entropy):
+        assert not cross_entropy and not fused_linear_cross_entropy  # our own chunked loss stays
+        calls.append(type(model).__name__)
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: "liger rope"
+        modeling_llama.liger_patched = True
+        modeling_llama.LlamaRMSNorm = _FakeLigerNorm
+        norm = model.model.norm
+        norm.forward = types.MethodType(lambda self, x: x, norm)
+        norm.__class__ = _FakeLigerNorm
+        for layer in model.model.layers:
+            layer.input_layernorm.variance_epsilon = 0.5
+            layer.mlp.casting_mode = "llama"
+            if fail:
+                raise NotImplementedError("not covered")
+
+    pkg = types.ModuleType("liger_kernel")
+    sub = types.ModuleType("liger_kernel.transformers")
+    sub._apply_liger_kernel_to_instance = apply
+    pkg.transformers = sub
+    monkeypatch.setitem(sys.modules, "liger_kernel", pkg)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+    return calls
+
+
+def _liger_patches(model) -> list[str]:
+    base = model.get_base_model()
+    found = []
+    if modeling_llama.apply_rotary_pos_emb.__name__ == "<lambda>":
+        found.append("rope global")
+    if hasattr(modeling_llama, "liger_patched"):
+        found.append("new global")
+    if modeling_llama.LlamaRMSNorm is _FakeLigerNorm:
+        found.append("norm class global")
+    if "forward" in vars(base.model.norm):
+        found.append("instance forward")
+    if type(base.model.norm) is _FakeLigerNorm:
+        found.append("instance class")
+    for layer in base.model.layers:
+        if layer.input_layernorm.variance_epsilon == 0.5:
+            found.append("replaced attribute")
+        if hasattr(layer.mlp, "casting_mode"):
+            found.append("new attribute")
+    return found
+
+
+def _compiled_layers(model) -> list[bool]:
+    return [layer._compiled_call_impl is not None for layer in model.get_base_model().model.layers]
+
+
+def test_switched_on_undoes_every_switch_on_exit(tiny_model_dir, monkeypatch):
+    calls = _fake_liger(monkeypatch)
+    model = _lora_model(tiny_model_dir)
+    ref = _loss_and_grads(model)
+    switches = Switches(fused_kernels="liger", compiled=True, packed_attention=True)
+    with switched_on(model, switches) as on:
+        assert calls == ["LlamaForCausalLM"] and on.fused_kernels == "liger" and on.packed_attention
+        assert len(_liger_patches(model)) == 9  # 5 + 2 per layer
+        assert _compiled_layers(model) == [True, True]
+        assert model.config._attn_implementation == "desktune_packed"
+    assert _liger_patches(model) == []
+    assert _compiled_layers(model) == [False, False]
+    assert all("_compiled_call_impl" not in vars(layer) for layer in model.get_base_model().model.layers)
+    assert model.config._attn_implementation == "sdpa"
+    got = _loss_and_grads(model)  # eager again: exactly the plain path
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+
+
+def test_switched_on_undoes_the_switches_when_training_fails(tiny_model_dir, monkeypatch):
+    _fake_liger(monkeypatch)
+    model = _lora_model(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="out of memory"), switched_on(
+            model, Switches(fused_kernels="liger", compiled=True, packed_attention=True)):
+        raise RuntimeError("out of memory")
+    assert _liger_patches(model) == [] and _compiled_layers(model) == [False, False]
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_liger_patches_are_undone_at_once_when_it_does_not_cover_the_model(tiny_model_dir, monkeypatch):
+    _fake_liger(monkeypatch, fail=True)
+    model = _lora_model(tiny_model_dir)
+    with switched_on(model, Switches(fused_kernels="liger")) as on:
+        assert on.fused_kernels is None and "does not cover" in on.notes[-1]
+        assert _liger_patches(model) == []  # the half-applied patches did not stay for training
+
+
+def test_patching_leaves_later_changes_alone(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    norm = model.get_base_model().model.norm
+    result, undo = patching(model, lambda m: setattr(norm, "liger", 1) or "applied")
+    norm.trained = True  # a change made after the patch (by training) is not the patcher's to undo
+    undo()
+    assert result == "applied" and not hasattr(norm, "liger") and norm.trained

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from desktune.config import load_config
 from desktune.errors import DesktuneError
+from desktune.runs import EvalRecord, EventRecord, TrainRecord, read_records, records_of
 from desktune.training.loop import train
-from desktune.training.monitor import read_metrics
-from tests.tiny import tiny_config
+from tests.tiny import inject_fault, tiny_config
 
 
 def _adapter(result) -> dict[str, torch.Tensor]:
@@ -43,15 +43,15 @@ def test_run_folder_record_and_falling_loss(tiny_model_dir, tmp_path):
     assert run == Path(raw["output_dir"]) / "rec"
     # resolved config, reloadable
     assert load_config(yaml.safe_load((run / "config.yaml").read_text())).train.max_steps == 12
-    recs = read_metrics(run / "metrics.jsonl")
-    steps = [r for r in recs if r["type"] == "train"]
-    assert [r["step"] for r in steps] == list(range(1, 13))
+    recs = read_records(run / "metrics.jsonl")
+    steps = records_of(recs, TrainRecord)
+    assert [r.step for r in steps] == list(range(1, 13))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_bytes", "target_tokens"):
-        assert all(r[key] is not None for r in steps), key
-    evals = [r for r in recs if r["type"] == "eval"]
-    assert [e["step"] for e in evals] == [0, 4, 8, 12]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] * 0.7
-    assert sum(r["loss"] for r in steps[-3:]) < sum(r["loss"] for r in steps[:3]) * 0.7
+        assert all(getattr(r, key) is not None for r in steps), key
+    evals = records_of(recs, EvalRecord)
+    assert [e.step for e in evals] == [0, 4, 8, 12]
+    assert evals[-1].val_loss < evals[0].val_loss * 0.7
+    assert sum(r.loss for r in steps[-3:]) < sum(r.loss for r in steps[:3]) * 0.7
     # checkpoints every 3 steps, the last 2 kept (the final adapter is separate)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000009"]
     for folder in [run / "adapter", run / "checkpoints" / "step-000009"]:
@@ -98,7 +98,7 @@ def test_bitsandbytes_optimizers_step(tiny_model_dir, tmp_path, optimizer):
     raw = tiny_config(tiny_model_dir, tmp_path, train={"max_steps": 2, "optimizer": optimizer})
     result = train(load_config(raw), quiet=True)
     assert all(v.abs().max() > 0 for k, v in _adapter(result).items() if "lora_B" in k)
-    events = [r["message"] for r in read_metrics(result.run_dir / "metrics.jsonl") if r["type"] == "event"]
+    events = [r.message for r in records_of(read_records(result.run_dir / "metrics.jsonl"), EventRecord)]
     assert any("needs CUDA; using adamw_8bit" in m for m in events) == optimizer.startswith("paged")
 
 
@@ -139,7 +139,7 @@ def test_unknown_target_module_lists_valid_ones(tiny_model_dir, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder left
 
 
-def test_oom_recovery_ends_with_the_small_micro_batch_adapter(tiny_model_dir, tmp_path):
+def test_oom_recovery_ends_with_the_small_micro_batch_adapter(tiny_model_dir, tmp_path, monkeypatch):
     """An OOM in step 2 halves the micro-batch and redoes the step: same adapter as micro-batch 2 from the start."""
     from desktune.training.loop import fit, setup
 
@@ -150,12 +150,12 @@ def test_oom_recovery_ends_with_the_small_micro_batch_adapter(tiny_model_dir, tm
     raw = tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4},
                       run_name="oom")
     run = setup(load_config(raw), quiet=True)
-    run.fault_hook = oom_at_step_2
+    inject_fault(monkeypatch, oom_at_step_2)
     recovered = fit(run)
-    events = [r for r in read_metrics(recovered.run_dir / "metrics.jsonl") if r["type"] == "event"]
-    oom = [e for e in events if e.get("name") == "oom_recovery"]
-    assert len(oom) == 1 and oom[0]["step"] == 2 and oom[0]["micro_batch_size"] == 2 and oom[0]["grad_accum"] == 2
-    steps = [r["step"] for r in read_metrics(recovered.run_dir / "metrics.jsonl") if r["type"] == "train"]
+    recs = read_records(recovered.run_dir / "metrics.jsonl")
+    oom = [e for e in records_of(recs, EventRecord) if e.name == "oom_recovery"]
+    assert len(oom) == 1 and oom[0].step == 2 and oom[0].data == {"micro_batch_size": 2, "grad_accum": 2}
+    steps = [r.step for r in records_of(recs, TrainRecord)]
     assert steps == [1, 2, 3, 4]  # the step was redone, not skipped
 
     raw = tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 2, "grad_accum": 2, "max_steps": 4},
@@ -166,13 +166,13 @@ def test_oom_recovery_ends_with_the_small_micro_batch_adapter(tiny_model_dir, tm
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_oom_at_micro_batch_1_is_a_clear_error(tiny_model_dir, tmp_path):
+def test_oom_at_micro_batch_1_is_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
     from desktune.training.loop import fit, setup
 
     def always_oom(step: int, micro: int) -> None:
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
 
     run = setup(load_config(tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 2})), quiet=True)
-    run.fault_hook = always_oom
+    inject_fault(monkeypatch, always_oom)
     with pytest.raises(DesktuneError, match="even with micro-batch 1"):
         fit(run)

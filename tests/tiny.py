@@ -92,3 +92,16 @@ def tiny_config(model_dir: Path, tmp_path: Path, **sections: dict) -> dict:
         else:
             cfg[name] = values
     return cfg
+
+
+def inject_fault(monkeypatch, fault) -> None:
+    """Call `fault(step, micro_batch_size)` before every training micro-batch, from outside the loop."""
+    from desktune.training import step as step_mod
+
+    real = step_mod.forward_backward
+
+    def with_fault(tr, batch, normaliser):
+        fault(tr.step, tr.micro)
+        return real(tr, batch, normaliser)
+
+    monkeypatch.setattr(step_mod, "forward_backward", with_fault)

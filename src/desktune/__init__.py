@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from desktune.constants import VERSION as __version__
+from desktune.errors import DesktuneError
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -23,9 +24,21 @@ if TYPE_CHECKING:
     from desktune.config import RunConfig
     from desktune.training.loop import RunResult
 
-__all__ = ["DesktuneError", "RunConfig", "demo", "generate", "load_config", "merge", "train"]
+__all__ = ["DesktuneError", "RunConfig", "RunResult", "__version__", "demo", "generate", "load_config", "merge",
+           "train"]
 
-from desktune.errors import DesktuneError
+
+def __getattr__(name: str) -> Any:
+    """The public types, imported on first use (RunResult needs torch; `import desktune` stays light)."""
+    if name == "RunConfig":
+        from desktune.config import RunConfig
+
+        return RunConfig
+    if name == "RunResult":
+        from desktune.training.loop import RunResult
+
+        return RunResult
+    raise AttributeError(f"module 'desktune' has no attribute {name!r}")
 
 
 def load_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -13,6 +13,7 @@ import torch
 
 from desktune.config import LoraConfig
 from desktune.errors import DesktuneError
+from desktune.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE, CHECKPOINTS
 
 
 @dataclass(frozen=True)
@@ -121,20 +122,23 @@ def trainable_report(model: torch.nn.Module) -> TrainableReport:
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
     """adapter_config.json of a saved PEFT adapter folder, with clear errors."""
     folder = Path(path)
-    cfg_file = folder / "adapter_config.json"
+    cfg_file = folder / ADAPTER_CONFIG
     if not folder.is_dir():
         raise DesktuneError("adapter folder not found", where=str(folder),
-                            fix="pass the folder holding adapter_config.json")
+                            fix=f"pass the folder holding {ADAPTER_CONFIG}")
     if not cfg_file.is_file():
-        raise DesktuneError("no adapter_config.json here (not a PEFT adapter folder)", where=str(folder),
-                            fix="pass a run's adapter/ folder or a checkpoints/step-N folder")
+        raise DesktuneError(f"no {ADAPTER_CONFIG} here (not a PEFT adapter folder)", where=str(folder),
+                            fix=f"pass a run's adapter/ folder or a {CHECKPOINTS}/step-N folder")
     try:
-        return json.loads(cfg_file.read_text(encoding="utf-8"))
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DesktuneError(f"invalid JSON ({e})", where=str(cfg_file), fix="restore the adapter folder") from None
+        raise DesktuneError(f"invalid JSON ({e})", where=str(cfg_file), fix="restore the adapter folder") from e
+    if not isinstance(raw, dict):
+        raise DesktuneError("not a JSON object", where=str(cfg_file), fix="restore the adapter folder")
+    return raw
 
 
-_RESTORE = "restore the adapter folder (copy it again, or use one of the run's checkpoints/step-N folders)"
+_RESTORE = f"restore the adapter folder (copy it again, or use one of the run's {CHECKPOINTS}/step-N folders)"
 
 
 def check_adapter(path: str | Path) -> dict[str, Any]:
@@ -143,12 +147,45 @@ def check_adapter(path: str | Path) -> dict[str, Any]:
     from desktune.models.loading import check_safetensors
 
     cfg = read_adapter_config(path)
-    weights = Path(path) / "adapter_model.safetensors"
+    weights = Path(path) / ADAPTER_WEIGHTS
     if weights.is_file():
         check_safetensors(weights, "adapter", fix=_RESTORE)
-    elif not (Path(path) / "adapter_model.bin").is_file():
-        raise DesktuneError("no adapter weights here (adapter_model.safetensors)", where=str(path), fix=_RESTORE)
+    elif not (Path(path) / ADAPTER_WEIGHTS_PICKLE).is_file():
+        raise DesktuneError(f"no adapter weights here ({ADAPTER_WEIGHTS})", where=str(path), fix=_RESTORE)
     return cfg
+
+
+_PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: base_model.model.<module path>.lora_A.weight
+
+
+def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not a dict)
+
+
+def shape_mismatches(base: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Adapter tensors that do not fit the base's layers: lora_A is (r, in_features) of the wrapped Linear,
+    lora_B (out_features, r), a DoRA magnitude (out_features,). Layers the base lacks are left to peft."""
+    modules = dict(base.named_modules())
+    bad = []
+    for key, shape in shapes.items():
+        path, _, part = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+        mod = modules.get(path)
+        n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+        if not path or n_in is None or n_out is None:
+            continue
+        if part in ("A.weight", "B.weight") and len(shape) == 2:
+            expected: tuple[int, ...] = (shape[0], n_in) if part == "A.weight" else (n_out, shape[1])
+        elif part == "magnitude_vector":
+            expected = (n_out,)
+        else:
+            continue
+        if shape != expected:
+            bad.append(f"{path}.lora_{part}: {shape}, the base needs {expected}")
+    return bad
 
 
 def load_adapter(base: torch.nn.Module, path: str | Path, *, trainable: bool = False) -> Any:
@@ -156,13 +193,20 @@ def load_adapter(base: torch.nn.Module, path: str | Path, *, trainable: bool = F
     from peft import PeftModel
 
     base_name = check_adapter(path).get("base_model_name_or_path")
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if weights.is_file() and shape_mismatches(base, _tensor_shapes(weights)):  # an adapter_model.bin: peft checks
+        raise _refuse(path, base_name, "its weight shapes do not match this base model (was it trained on another "
+                                       "base?)")
     try:
         return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "size mismatch" in str(e) or "shape" in str(e).lower():
-            msg = "its weight shapes do not match this base model (was it trained on another base?)"
-        trained_on = f": {base_name} (the default when --model is left out)" if base_name else \
-            " (see base_model_name_or_path in adapter_config.json)"
-        raise DesktuneError(f"could not load the adapter: {msg}", where=str(path),
-                            fix=f"use the base model the adapter was trained on{trained_on}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        # peft's own refusals: OSError (unreadable files), ValueError (target modules not in the base; PeftError is
+        # one), KeyError (unknown peft_type), RuntimeError (load_state_dict's size mismatch)
+        raise _refuse(path, base_name, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def _refuse(path: str | Path, base_name: str | None, msg: str) -> DesktuneError:
+    trained_on = f": {base_name} (the default when --model is left out)" if base_name else \
+        f" (see base_model_name_or_path in {ADAPTER_CONFIG})"
+    return DesktuneError(f"could not load the adapter: {msg}", where=str(path),
+                         fix=f"use the base model the adapter was trained on{trained_on}")

@@ -1,17 +1,21 @@
-"""The `desktune` command: demo, train, chat, generate, merge."""
+"""The `desktune` command: demo, train, plan, generate, chat, merge."""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
 
+from desktune.config import ModelConfig, TrainConfig
+from desktune.constants import DEBUG_ENV, DTYPE_BYTES, DTYPE_NAMES, VERSION
 from desktune.errors import DesktuneError
+from desktune.runs.layout import METRICS, RunDir
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
@@ -33,14 +37,45 @@ ModelOpt = Annotated[
 AdapterOpt = Annotated[
     Path | None, typer.Option("--adapter", "-a", help="A PEFT adapter folder (a run's adapter/ or a checkpoint).")
 ]
-Dtype = Enum("Dtype", {v: v for v in ("auto", "bf16", "fp16", "fp32")}, type=str)
-Quant = Enum("Quant", {v: v for v in ("none", "nf4", "int8")}, type=str)
-Checkpointing = Enum("Checkpointing", {v: v for v in ("full", "selective", "off")}, type=str)
-Device = Enum("Device", {v: v for v in ("auto", "cpu", "cuda", "mps")}, type=str)
+
+
+def _choice(name: str, values: tuple[str, ...]) -> Any:
+    """A typer choice (typer takes Enums, not click types) from the values a config field allows."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+def _allowed(model: Any, field: str) -> tuple[str, ...]:
+    return get_args(model.model_fields[field].annotation)
+
+
+Dtype = _choice("Dtype", _allowed(ModelConfig, "dtype"))
+Quant = _choice("Quant", _allowed(ModelConfig, "quant"))
+Device = _choice("Device", _allowed(TrainConfig, "device"))
+Optimizer = _choice("Optimizer", _allowed(TrainConfig, "optimizer"))
+Checkpointing = _choice("Checkpointing", ("full", "selective", "off"))
+Precision = _choice("Precision", DTYPE_NAMES)  # a concrete dtype: bf16, fp16 or fp32
+PlanDevice = _choice("PlanDevice", tuple(d for d in _allowed(TrainConfig, "device") if d != "auto"))
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute precision.")]
 QuantOpt = Annotated[Quant, typer.Option("--quant", help="Load the base in 4-bit NF4 or 8-bit.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run.")]
 SystemOpt = Annotated[str | None, typer.Option(help="A system message.")]
+
+
+def _version(show: bool) -> None:
+    if show:
+        out.print(f"desktune {VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune open LLMs with LoRA/QLoRA on the hardware you have: one GPU, a laptop, or a CPU.
+
+    Verbs: demo, train, plan, generate, chat, merge. DESKTUNE_DEBUG=1 adds the full traceback to an error.
+    """
 
 
 @app.command()
@@ -67,7 +102,7 @@ def train(
         typer.Option("--override", "-o", help="Override a config key: -o train.lr=1e-4 -o lora.r=8 (repeatable)."),
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bar (metrics.jsonl is still written).")
+        bool, typer.Option("--quiet", "-q", help=f"No progress bar ({METRICS} is still written).")
     ] = False,
     resume: Annotated[
         str | None,
@@ -80,8 +115,8 @@ def train(
 ) -> None:
     """Train a LoRA/QLoRA adapter as a YAML config describes.
 
-    Writes a run folder (OUTPUT_DIR/RUN_NAME) with the resolved config.yaml, metrics.jsonl (one line per step),
-    checkpoints/step-N adapters and the final adapter/ in standard PEFT format.
+    Writes a run folder (OUTPUT_DIR/RUN_NAME) with the resolved config, the record of every step, resumable
+    checkpoints and the final adapter/ in standard PEFT format.
 
     Example: desktune train examples/demo.yaml -o train.max_steps=20 -o lora.r=8
     """
@@ -95,7 +130,7 @@ def train(
                            accept_changes=accept_changes)
     except TrainingInterrupted as stop:
         err.print(f"stopped after step {stop.step}; checkpoint saved: {stop.checkpoint}\n"
-                  f"resume with: desktune train {config} --resume {Path(stop.checkpoint).parent.parent}")
+                  f"resume with: desktune train {config} --resume {RunDir.of_checkpoint(Path(stop.checkpoint)).path}")
         raise typer.Exit(130) from None
     val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     out.print(f"done: {result.steps} steps, train loss {result.train_losses[0]:.4f} -> "
@@ -114,13 +149,15 @@ def plan(
     quant: Annotated[Quant | None, typer.Option(help="Base weights: none, nf4 (QLoRA) or int8.")] = None,
     lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.")] = None,
     targets: Annotated[str | None, typer.Option(help="LoRA targets: all-linear or q_proj,k_proj,...")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw, adamw_8bit, paged_adamw, paged_adamw_8bit.")] = None,
+    optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer of the adapters.")] = None,
     checkpointing: Annotated[Checkpointing | None, typer.Option(
         help="Gradient checkpointing: full (every layer), selective (every second layer) or off.")] = None,
     full_loss: Annotated[bool, typer.Option("--full-loss", help="Plan the full-logits loss, not chunked.")] = False,
-    device: Annotated[str, typer.Option(help="cuda, cpu or mps (default: the config's device; cuda "
-                                         "with --model).")] = "",
-    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32 (default: what the device would use).")] = "",
+    device: Annotated[PlanDevice | None, typer.Option(help="Plan for this device (default: the config's device; "
+                                                   "cuda with --model).")] = None,
+    dtype: Annotated[Precision | None, typer.Option(help="Compute precision (default: what the device would "
+                                                    "use).")] = None,
+    list_models: Annotated[bool, typer.Option("--list", help="List the built-in architectures and exit.")] = False,
 ) -> None:
     """Predict the peak memory of a training step by component, before loading anything.
 
@@ -130,42 +167,31 @@ def plan(
     """
     from desktune.config import load_config
     from desktune.memory.budget import budget_bytes, plan_run
-    from desktune.memory.render import print_plan
+    from desktune.memory.render import catalog_table, print_plan
 
+    if list_models:
+        out.print(catalog_table())
+        return
     if config is None and model is None:
         raise DesktuneError("nothing to plan", where="desktune plan", fix="pass a CONFIG.yaml or --model NAME")
-    overrides: list[str] = []
-    if model:
-        overrides.append(f"model.name={model}")
-    for key, value in (("data.max_seq_len", seq_len), ("train.micro_batch_size", micro_batch),
-                       ("train.grad_accum", grad_accum), ("model.quant", quant.value if quant else None),
-                       ("lora.r", lora_r), ("train.optimizer", optimizer),
-                       ("train.gradient_checkpointing", checkpointing.value if checkpointing else None)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if targets:
-        overrides.append(f"lora.target_modules={targets if targets == 'all-linear' else '[' + targets + ']'}")
-    if full_loss:
-        overrides.append("train.chunked_loss=false")
-    raw = config if config is not None else {"data": {"train": "-"}}
-    cfg = load_config(raw, overrides)
-    if dtype and dtype not in DTYPE_BYTES:
-        raise DesktuneError(f"unknown dtype '{dtype}'", where="--dtype", fix="use bf16, fp16 or fp32")
-    if device and device not in {"cuda", "cpu", "mps"}:
-        raise DesktuneError(f"unknown device '{device}'", where="--device", fix="use cuda, cpu or mps")
+    values = {"model.name": model, "data.max_seq_len": seq_len, "train.micro_batch_size": micro_batch,
+              "train.grad_accum": grad_accum, "model.quant": quant, "lora.r": lora_r, "train.optimizer": optimizer,
+              "train.gradient_checkpointing": checkpointing,
+              "lora.target_modules": None if not targets else targets if targets == "all-linear" else f"[{targets}]",
+              "train.chunked_loss": False if full_loss else None}
+    overrides = [f"{k}={v.value if isinstance(v, Enum) else v}" for k, v in values.items() if v is not None]
+    cfg = load_config(config if config is not None else {"data": {"train": "-"}}, overrides)
     if device or config is None:  # planning for a named device: no torch import, answers in a second
-        device_type, dtype_bytes = device or "cuda", DTYPE_BYTES[dtype or "bf16"]
+        device_type, dtype_bytes = device.value if device else "cuda", DTYPE_BYTES[dtype.value if dtype else "bf16"]
     else:
         from desktune.hardware import detect
 
-        hw = detect(cfg.train.device, dtype or cfg.model.dtype)
+        hw = detect(cfg.train.device, dtype.value if dtype else cfg.model.dtype)
         device_type, dtype_bytes = hw.device.type, hw.dtype.itemsize
     limit = budget or cfg.train.memory_budget
     _, result = plan_run(cfg, device_type, dtype_bytes)
     print_plan(result, budget_bytes(limit, device_type) if limit else None, console=out)
 
-
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @app.command()
@@ -240,7 +266,7 @@ def merge(
     adapter: Annotated[Path, typer.Argument(help="The PEFT adapter folder to merge.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
     model: ModelOpt = None,
-    dtype: Annotated[str, typer.Option(help="Merged weights' precision: bf16 or fp16 (or fp32).")] = "bf16",
+    dtype: Annotated[Precision, typer.Option(help="Merged weights' precision.")] = Precision.bf16,
 ) -> None:
     """Merge an adapter into its 16-bit base and save a plain transformers model folder.
 
@@ -250,7 +276,7 @@ def merge(
     """
     from desktune.export.merge import merge_adapter
 
-    folder = merge_adapter(adapter, output, model=model, dtype=dtype)
+    folder = merge_adapter(adapter, output, model=model, dtype=dtype.value)
     out.print(f"merged model saved: [bold]{folder}[/]")
 
 
@@ -274,6 +300,8 @@ def main() -> None:
         app()
     except DesktuneError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):  # the cause too, for a bug report
+            err.print("".join(traceback.format_exception(e)), highlight=False, markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -10,9 +10,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from desktune.constants import EMBEDDED_MODEL
 from desktune.errors import DesktuneError
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
+# Field metadata of the keys a resumed run may change without changing what it computes: where it writes,
+# how samples split into micro-batches (the loss is normalised per step), checkpointing, threads and budget.
+RESUME_MAY_CHANGE = {"resume_may_change": True}
 
 
 class _Strict(BaseModel):
@@ -81,8 +84,9 @@ class TrainConfig(_Strict):
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(2, gt=0)
-    grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(2, gt=0, json_schema_extra=RESUME_MAY_CHANGE)
+    grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.",
+                            json_schema_extra=RESUME_MAY_CHANGE)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
@@ -92,6 +96,7 @@ class TrainConfig(_Strict):
     gradient_checkpointing: Literal[False, "full", "selective"] = Field(
         False, description="Recompute activations in backward: full (every decoder layer; true means full), "
         "selective (every second layer: half the recompute, about half the activation memory saved), or false.",
+        json_schema_extra=RESUME_MAY_CHANGE,
     )
     chunked_loss: bool = Field(
         True, description="Cross-entropy from hidden states in chunks, target tokens only (false: full logits)."
@@ -110,13 +115,15 @@ class TrainConfig(_Strict):
         "for GPU memory).",
     )
     seed: int = 42
-    eval_every: int | None = Field(None, gt=0, description="Validation every N steps (always at the end).")
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    eval_every: int | None = Field(None, gt=0, description="Validation every N steps (always at the end).",
+                                   json_schema_extra=RESUME_MAY_CHANGE)
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", json_schema_extra=RESUME_MAY_CHANGE)
     memory_budget: str | None = Field(
         None, description="Fit micro-batch/accumulation/checkpointing to this memory (e.g. 24GB, 8GiB, auto: free "
-        "device memory) before loading; refuse to start when nothing fits.",
+        "device memory) before loading; refuse to start when nothing fits.", json_schema_extra=RESUME_MAY_CHANGE,
     )
-    threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).")
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).",
+                                json_schema_extra=RESUME_MAY_CHANGE)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -154,8 +161,10 @@ def parse_size(text: str | int | float) -> int:
 class CheckpointConfig(_Strict):
     """When adapters are saved during training."""
 
-    every: int | None = Field(None, gt=0, description="Save the adapter every N optimizer steps.")
-    keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    every: int | None = Field(None, gt=0, description="Save the adapter every N optimizer steps.",
+                              json_schema_extra=RESUME_MAY_CHANGE)
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.",
+                           json_schema_extra=RESUME_MAY_CHANGE)
 
 
 class RunConfig(_Strict):
@@ -166,8 +175,10 @@ class RunConfig(_Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    output_dir: str = Field("runs", description="Runs are written to OUTPUT_DIR/RUN_NAME.")
-    run_name: str | None = Field(None, description="Folder name of the run (default: a timestamp).")
+    output_dir: str = Field("runs", description="Runs are written to OUTPUT_DIR/RUN_NAME.",
+                            json_schema_extra=RESUME_MAY_CHANGE)
+    run_name: str | None = Field(None, description="Folder name of the run (default: a timestamp).",
+                                 json_schema_extra=RESUME_MAY_CHANGE)
 
     @field_validator("run_name")
     @classmethod
@@ -192,15 +203,21 @@ def _fields_at(path: tuple[str, ...]) -> list[str]:
     return list(node.model_fields) if node is not None else []
 
 
-def _all_dotted_keys(node: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+def _all_dotted_keys(node: type[BaseModel] = RunConfig, prefix: str = "", *, resume_may_change: bool = False
+                     ) -> list[str]:
     keys = []
     for name, field in node.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _all_dotted_keys(ann, f"{prefix}{name}.")
-        else:
+            keys += _all_dotted_keys(ann, f"{prefix}{name}.", resume_may_change=resume_may_change)
+        elif not resume_may_change or field.json_schema_extra == RESUME_MAY_CHANGE:
             keys.append(f"{prefix}{name}")
     return keys
+
+
+def resume_may_change() -> frozenset[str]:
+    """Dotted keys a resumed run may change without changing what it computes (declared on the fields)."""
+    return frozenset(_all_dotted_keys(resume_may_change=True))
 
 
 def _suggest(key: str, path: tuple[str, ...]) -> str:
@@ -304,13 +321,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise DesktuneError("is a folder, not a YAML config", where=str(path), fix="pass the .yaml file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DesktuneError("not a text file", where=str(path), fix="pass a YAML config") from None
+    except UnicodeDecodeError as e:
+        raise DesktuneError("not a text file", where=str(path), fix="pass a YAML config") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise DesktuneError(f"invalid YAML: {problem}", where=where, fix="correct the YAML syntax") from None
+        raise DesktuneError(f"invalid YAML: {problem}", where=where, fix="correct the YAML syntax") from e
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -355,7 +372,7 @@ def load_config(
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise _format_validation_error(e, name) from None
+        raise _format_validation_error(e, name) from e
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:

@@ -13,6 +13,7 @@ from desktune.config import load_config
 from desktune.errors import DesktuneError
 from desktune.hardware import human_bytes
 from desktune.inference import replies
+from desktune.runs import RunDir
 from desktune.training.loop import RunResult, fit, setup
 
 REPETITION_PENALTY = 1.15  # greedy decoding of a 135M model loops without it; same setting for base and tuned
@@ -70,7 +71,7 @@ def run_demo(output_dir: Path = Path("runs"), max_steps: int | None = None,
     after = replies(run.model, run.loaded.tokenizer, conversations, max_new_tokens=max_new_tokens,
                     repetition_penalty=REPETITION_PENALTY)
     wall = time.perf_counter() - t0
-    (result.run_dir / "demo_answers.json").write_text(
+    RunDir(result.run_dir).demo_answers.write_text(
         json.dumps([{"prompt": p, "base": b, "tuned": a} for p, b, a in zip(prompts, before, after, strict=True)],
                    indent=2, ensure_ascii=False), encoding="utf-8")
     console.print(_table(prompts, before, after))
@@ -81,7 +82,7 @@ def run_demo(output_dir: Path = Path("runs"), max_steps: int | None = None,
         console.print(f"validation loss: {val[0][1]:.3f} (before) -> {val[-1][1]:.3f} (after)")
     console.print(f"adapter: [bold]{result.adapter_dir}[/] ({human_bytes(result.adapter_bytes)}, "
                   f"{result.trainable.trainable:,} trainable parameters)")
-    console.print(f"metrics: {result.run_dir / 'metrics.jsonl'}   wall time: {wall:.0f} s   "
+    console.print(f"metrics: {RunDir(result.run_dir).metrics}   wall time: {wall:.0f} s   "
                   f"training: {result.tokens_per_s:.0f} tokens/s")
     console.print(f"try it: desktune chat --adapter {result.adapter_dir}")
     result.extra["wall_s"] = wall

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import torch
 
+from desktune.constants import DTYPE_NAMES
 from desktune.errors import DesktuneError
 from desktune.units import human_bytes
 
 __all__ = ["DTYPES", "Hardware", "detect", "free_memory", "human_bytes", "memory_in_use", "pick_device",
            "pick_dtype", "set_threads"]
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TORCH_NAMES = dict(zip(DTYPE_NAMES, ("bfloat16", "float16", "float32"), strict=True))
+# config names (and torch's own names) -> torch dtypes
+DTYPES = {alias: getattr(torch, full) for name, full in _TORCH_NAMES.items() for alias in (name, full)}
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from desktune.adapters import check_adapter, load_adapter
-from desktune.config import EMBEDDED_MODEL, ModelConfig
+from desktune.config import ModelConfig
+from desktune.constants import EMBEDDED_MODEL
 from desktune.hardware import detect
 from desktune.models.loading import LoadedModel, load_model
+from desktune.runs.layout import CHAT_TEMPLATE
 
 
 def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *, dtype: str = "auto",
@@ -23,7 +26,7 @@ def load_for_inference(model: str | None = None, adapter: str | Path | None = No
     loaded = load_model(ModelConfig(name=model or EMBEDDED_MODEL, dtype=dtype, quant=quant), detect(device, dtype))
     if adapter is not None:
         loaded.model = load_adapter(loaded.model, adapter)
-        template = Path(adapter) / "chat_template.jinja"
+        template = Path(adapter) / CHAT_TEMPLATE
         if template.is_file():
             loaded.tokenizer.chat_template = template.read_text(encoding="utf-8")
     loaded.model.eval()
@@ -47,6 +50,22 @@ def _streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
     return _Callback(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+@contextlib.contextmanager
+def private_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed sampling without touching the global RNG: inside, the CPU generator (and the model's accelerator's)
+    start from `seed`; on exit (errors included) their states are put back, so training resumes exactly."""
+    accelerated = device.type != "cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+    forked = [index] if accelerated else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type if accelerated else None):
+        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every device
+        if device.type == "cuda":
+            torch.cuda.default_generators[index].manual_seed(seed)
+        elif accelerated:
+            torch.get_device_module(device.type).manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], *, max_new_tokens: int = 128,
           temperature: float = 0.0, top_p: float = 0.9, on_text: Callable[[str], None] | None = None,
@@ -57,13 +76,13 @@ def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], *, max_new
     enc = {k: v.to(device) for k, v in enc.items()}
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     if temperature > 0:
-        torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if on_text is not None:
         kwargs["streamer"] = _streamer(tokenizer, on_text)
-    out = model.generate(**enc, **kwargs)
+    with private_rng(seed, device):  # greedy too: a model left in train mode draws dropout masks
+        out = model.generate(**enc, **kwargs)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from desktune.constants import IGNORE_INDEX
 from desktune.data.formats import Sample
 from desktune.errors import DesktuneError
 
-IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "all"]
 _TEMPLATE_FIX = (
     "set model.chat_template to a built-in (chatml, llama3, mistral, zephyr) or a working Jinja template"

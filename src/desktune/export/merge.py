@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from desktune.adapters import check_adapter, load_adapter
@@ -10,6 +9,8 @@ from desktune.config import ModelConfig
 from desktune.errors import DesktuneError
 from desktune.hardware import DTYPES, Hardware, pick_device
 from desktune.models.loading import load_model
+from desktune.runs.atomic import write_folder_atomically
+from desktune.runs.layout import ADAPTER_CONFIG, CHAT_TEMPLATE
 
 
 def merge_adapter(adapter: str | Path, output: str | Path, *, model: str | None = None, dtype: str = "bf16",
@@ -31,25 +32,22 @@ def merge_adapter(adapter: str | Path, output: str | Path, *, model: str | None 
     trained_on = check_adapter(adapter).get("base_model_name_or_path")  # a bad adapter fails before the base loads
     base_name = model or trained_on
     if not base_name:
-        raise DesktuneError("the adapter does not name its base model", where=str(adapter / "adapter_config.json"),
+        raise DesktuneError("the adapter does not name its base model", where=str(adapter / ADAPTER_CONFIG),
                             fix="pass the base with --model")
     hw = Hardware(device=pick_device(device), dtype=DTYPES[dtype])
     loaded = load_model(ModelConfig(name=base_name), hw, quant="none")
     peft_model = load_adapter(loaded.model, adapter)
     merged = peft_model.merge_and_unload(safe_merge=True)
-    template = adapter / "chat_template.jinja"
+    template = adapter / CHAT_TEMPLATE
     if template.is_file():
         loaded.tokenizer.chat_template = template.read_text(encoding="utf-8")
-    tmp = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        if output.exists():
-            output.rmdir()
-        tmp.rename(output)
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(folder)
+
+    try:  # a failed write leaves no folder under the name (and the empty one it may replace as it was)
+        return write_folder_atomically(output, write)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DesktuneError(f"cannot write the merged model ({e.strerror or e})", where=str(output),
-                            fix="choose a writable folder with free space with -o") from None
-    return output
+                            fix="choose a writable folder with free space with -o") from e

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from desktune.constants import EMBEDDED_ALIASES, EMBEDDED_CATALOG_NAME
 from desktune.errors import DesktuneError
 
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -110,8 +111,8 @@ CATALOG: dict[str, ArchSpec] = {s.name: s for s in (
     _spec("smollm2-1.7b", "llama", 2048, 8192, 24, 32, 32, 64, 49152, True),
 )}
 ALIASES = {
-    "smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m", "embedded": "smollm2-135m",
-    "default": "smollm2-135m", "llama-3-8b": "llama-3.1-8b", "llama-3.1-8b-instruct": "llama-3.1-8b",
+    **{alias: EMBEDDED_CATALOG_NAME for alias in sorted(EMBEDDED_ALIASES - {EMBEDDED_CATALOG_NAME})},
+    "llama-3-8b": "llama-3.1-8b", "llama-3.1-8b-instruct": "llama-3.1-8b",
     "mistral-7b-v0.3": "mistral-7b", "phi-3-mini-4k": "phi-3-mini", "phi-3-mini-4k-instruct": "phi-3-mini",
 }
 
@@ -149,7 +150,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DesktuneError(f"cannot read config.json ({e})", where=str(path),
-                            fix="pass a model folder with a valid config.json") from None
+                            fix="pass a model folder with a valid config.json") from e
 
 
 def _cached_hub_config(repo_id: str) -> Path | None:
@@ -160,7 +161,7 @@ def _cached_hub_config(repo_id: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # an invalid repo id, or no huggingface_hub
+    except (ImportError, ValueError):  # no huggingface_hub, or an invalid repo id (HFValidationError)
         return None
     return Path(found) if isinstance(found, str) else None
 
@@ -189,8 +190,3 @@ def resolve_arch(name_or_path: str | Path) -> ArchSpec:
         f"unknown model '{text}' (not a catalog name, a model folder with config.json, or a config.json)",
         where="model", fix=f"{hint}catalog names: {', '.join(CATALOG)}",
     )
-
-
-def with_vocab(spec: ArchSpec, vocab: int) -> ArchSpec:
-    """A copy of `spec` with another vocabulary size."""
-    return replace(spec, vocab=vocab)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows
 from desktune.memory.catalog import ArchSpec
 
 if TYPE_CHECKING:
@@ -30,9 +31,6 @@ CUDA_CONTEXT_BYTES = 400 * MiB  # CUDA context + kernels: 300-500 MiB per proces
 # cuBLAS workspace, allocated through PyTorch's caching allocator: 4096 KiB x 8 by default on Hopper and newer
 # (CUBLAS_WORKSPACE_CONFIG=:4096:8), 4096 KiB x 2 + 16 KiB x 8 on older GPUs; the larger is assumed
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
-LOSS_CHUNK_BYTES = 64 * 2**20  # desktune.training.loss.LOSS_CHUNK_BYTES
-NF4_BLOCK = 64  # weights per absmax (QLoRA / bitsandbytes / torchao)
-NF4_SCALER_BLOCK = 256  # absmax values per double-quantization group
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes 8-bit optimizers keep 32-bit state for tensors smaller than this
 BNB_OPTIM_BLOCK = 256  # bitsandbytes blockwise 8-bit state: one fp32 absmax per 256 values
 
@@ -157,10 +155,10 @@ def optimizer_state_bytes(inputs: PlanInputs) -> int:
 def _quantized_linear_bytes(numel: int, inputs: PlanInputs) -> float:
     """Stored bytes of one quantized linear weight with its quantization constants."""
     if inputs.quant == "nf4":
-        blocks = numel / NF4_BLOCK
+        blocks = numel / NF4_BLOCK_SIZE
         if inputs.device_type != "cuda" or inputs.double_quant:
             # 4-bit codes + int8 absmax per 64 + one factor per 256 absmax (torchao always double-quantizes)
-            return numel / 2 + blocks + 4 * blocks / NF4_SCALER_BLOCK
+            return numel / 2 + blocks + 4 * blocks / NF4_SCALER_BLOCK_SIZE
         return numel / 2 + 4 * blocks  # fp32 absmax per 64 weights
     if inputs.quant == "int8":
         return numel  # + one scale per output row, added by the caller
@@ -309,11 +307,6 @@ def _largest_dequantized(inputs: PlanInputs) -> int:
     return total
 
 
-def loss_chunk_rows(vocab: int) -> int:
-    """desktune.training.loss.chunk_rows: target rows whose fp32 logits fill LOSS_CHUNK_BYTES."""
-    return max(16, min(4096, LOSS_CHUNK_BYTES // (4 * vocab)))
-
-
 def _loss_bytes(inputs: PlanInputs) -> tuple[int, int]:
     """(saved after forward, peak while computing) of the output head and cross-entropy.
 
@@ -337,7 +330,7 @@ def _loss_bytes(inputs: PlanInputs) -> tuple[int, int]:
         fwd = a * b * s * v + copy + saved + cap * n * v
         bwd = saved + 8 * n * v
         return saved, max(fwd, bwd)
-    rows = min(n, loss_chunk_rows(v))
+    rows = min(n, chunk_rows(v))
     index = 9 * n  # the gather's bool mask and the int64 targets
     saved = index + a * n * h  # the row gradient
     chunk = rows * v * (4 + 2 * cap + (a if a != 4 else 0)) + a * rows * h
@@ -462,7 +455,7 @@ def _optim_note(inputs: PlanInputs) -> str:
 
 def _loss_note(inputs: PlanInputs) -> str:
     if inputs.chunked_loss:
-        return f"chunked: ≤{loss_chunk_rows(inputs.arch.vocab)} rows x {inputs.arch.vocab} vocab at a time"
+        return f"chunked: ≤{chunk_rows(inputs.arch.vocab)} rows x {inputs.arch.vocab} vocab at a time"
     return f"full logits: {inputs.micro_batch} x {inputs.seq_len} x {inputs.arch.vocab}, fp32 log-softmax"
 
 

@@ -6,6 +6,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from desktune.memory.catalog import ALIASES, CATALOG
 from desktune.memory.estimate import Plan, largest_fitting, suggestions
 from desktune.units import human_bytes
 
@@ -60,3 +61,16 @@ def render_plan(plan: Plan, budget_bytes: int | None = None, *, advice: bool = T
 def print_plan(plan: Plan, budget_bytes: int | None = None, console: Console | None = None) -> None:
     """Print `render_plan` to a console (stdout by default)."""
     (console or Console()).print(render_plan(plan, budget_bytes))
+
+
+def catalog_table() -> Table:
+    """The built-in architectures, one line each (what `desktune plan --list` prints)."""
+    table = Table(title="Architectures desktune plans without a config.json (--model NAME)")
+    for column in ("name", "family", "parameters", "layers", "hidden", "heads / kv", "vocabulary", "also called"):
+        table.add_column(column, justify="right" if column in ("parameters", "layers", "hidden", "vocabulary")
+                         else "left")
+    for name, spec in CATALOG.items():
+        aliases = ", ".join(a for a, target in ALIASES.items() if target == name)
+        table.add_row(name, spec.family, f"{spec.n_params / 1e9:.2f}B", str(spec.layers), str(spec.hidden),
+                      f"{spec.heads} / {spec.kv_heads}", f"{spec.vocab:,}", aliases)
+    return table

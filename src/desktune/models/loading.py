@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from desktune.config import EMBEDDED_MODEL, ModelConfig
+from desktune.config import ModelConfig
+from desktune.constants import EMBEDDED_ALIASES, EMBEDDED_MODEL
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware
 from desktune.models import gguf as gguf_mod
@@ -20,7 +21,6 @@ from desktune.models.quantize import (
     quantize_in_place,
 )
 
-EMBEDDED_ALIASES = {EMBEDDED_MODEL, "smollm2-135m", "smollm2", "default", "embedded"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -66,36 +66,89 @@ def resolve_source(name: str, gguf_file: str | None = None) -> str:
     )
 
 
-def _is_offline_error(err: Exception) -> bool:
-    text = f"{type(err).__name__}: {err}".lower()
-    return any(s in text for s in ("offline", "connect", "resolve", "couldn't", "cannot find", "not found",
-                                   "does not appear", "local_files_only", "is not a local folder"))
+def _hub_unreachable(err: BaseException) -> bool:
+    """A hub file that is neither in the local cache nor downloadable (offline mode, or no connection).
+
+    huggingface_hub raises LocalEntryNotFoundError for exactly that, and transformers re-raises it as an OSError
+    `from` it; the cause chain is checked for that type (a structural test) rather than the message text. Any
+    other OSError for a hub id (a repository that does not exist, a gated one) is reported as it is.
+    """
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: BaseException | None = err
+    for _ in range(8):  # a chain is short; the bound guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, LocalEntryNotFoundError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def check_safetensors(file: Path, what: str, fix: str) -> None:
     """Raise DesktuneError naming `file` when its safetensors header is unreadable (truncated or damaged)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="pt"):
             pass
-    except Exception as e:  # safetensors raises its own error type (and OSError) for a damaged file
+    except (SafetensorError, OSError) as e:  # a damaged header; OSError: unreadable, or not a regular file
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DesktuneError(f"could not load the {what}: the weights file is damaged or incomplete, perhaps "
-                            f"truncated ({detail})", where=str(file), fix=fix) from None
+                            f"truncated ({detail})", where=str(file), fix=fix) from e
 
 
-def _check_folder(path: Path) -> None:
-    """Give a clear message for a damaged local model folder before transformers does."""
-    cfg = path / "config.json"
+def _read_config(cfg: Path) -> dict[str, Any]:
+    """config.json of a model folder as a dict, with clear errors."""
     try:
         raw = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DesktuneError(f"config.json is not valid JSON ({e})", where=str(cfg),
-                            fix="restore the model folder from its source") from None
+                            fix="restore the model folder from its source") from e
     if not isinstance(raw, dict):
         raise DesktuneError("config.json is not a JSON object", where=str(cfg),
                             fix="restore the model folder from its source")
+    return raw
+
+
+def _check_architecture(raw: dict[str, Any], cfg: Path, source: str, trust_remote_code: bool) -> None:
+    """Refuse a config.json whose architecture transformers cannot build, decided as AutoConfig does: the model's
+    own code (auto_map.AutoConfig, with trust_remote_code), else `model_type` must be in CONFIG_MAPPING."""
+    from transformers import CONFIG_MAPPING
+
+    auto_map = raw.get("auto_map")
+    if trust_remote_code and isinstance(auto_map, dict) and "AutoConfig" in auto_map:
+        return
+    if "model_type" not in raw:
+        raise DesktuneError("config.json has no 'model_type', so the architecture is unknown", where=str(cfg),
+                            fix="restore the model folder from its source")
+    model_type = raw["model_type"]
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise DesktuneError(
+            f"could not load the model: this transformers does not know the architecture {model_type!r} "
+            "(model_type in config.json)", where=source,
+            fix="upgrade transformers (pip install -U transformers), or set model.trust_remote_code: true for a "
+            "model that ships its own code")
+
+
+def _cached_hub_config(source: str) -> tuple[dict[str, Any], Path] | None:
+    """config.json of a hub id when it is in the local cache (nothing is downloaded), else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    if not isinstance(cached, str):
+        return None
+    try:
+        raw = json.loads(Path(cached).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # transformers reports a damaged cache entry itself
+        return None
+    return (raw, Path(cached)) if isinstance(raw, dict) else None
+
+
+def _check_folder(path: Path, trust_remote_code: bool) -> None:
+    """Give a clear message for a damaged local model folder before transformers does."""
+    cfg = path / "config.json"
+    _check_architecture(_read_config(cfg), cfg, str(path), trust_remote_code)
     weights = sorted(path.glob("*.safetensors"))
     if not weights and not any(path.glob("*.bin")):
         raise DesktuneError("holds no weights (*.safetensors or *.bin)", where=str(path),
@@ -111,8 +164,13 @@ def load_tokenizer(source: str) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:
+        # OSError: files missing or unreadable; ValueError: invalid JSON, no tokenizer files; KeyError: a
+        # tokenizer.json without its parts; a plain Exception (no subclass) is how tokenizers (Rust) reports a
+        # tokenizer.json it cannot parse. Anything else is a bug, not a bad folder.
+        if not isinstance(e, (OSError, ValueError, KeyError)) and type(e) is not Exception:
+            raise
         raise DesktuneError(f"could not load the tokenizer: {e}", where=source,
-                            fix="make sure the folder has tokenizer.json / tokenizer_config.json") from None
+                            fix="make sure the folder has tokenizer.json / tokenizer_config.json") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -128,6 +186,19 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
+def _load_error(err: Exception, source: str, local: bool) -> DesktuneError:
+    """The user-facing error for a failed `from_pretrained` of `source`."""
+    if not local and _hub_unreachable(err):
+        return DesktuneError(
+            f"model '{source}' is not a local folder nor in the local cache, and the model hub cannot be reached",
+            where="model.name",
+            fix=f"set model.name to an existing model folder, or download it where you have internet "
+            f"(huggingface-cli download {source} --local-dir DIR) and set model.name to that DIR",
+        )
+    return DesktuneError(f"could not load the model: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                         where=source, fix="check the folder is complete (config.json, all weight files)")
+
+
 def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> LoadedModel:
     """Load the base model frozen, in the run's precision, quantized if asked (`quant` overrides cfg.quant)."""
     quiet_transformers()
@@ -138,7 +209,9 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> L
     source = resolve_source(cfg.name, cfg.gguf_file)
     local = Path(source).is_dir()
     if local:
-        _check_folder(Path(source))
+        _check_folder(Path(source), cfg.trust_remote_code)
+    elif (cached := _cached_hub_config(source)) is not None:
+        _check_architecture(cached[0], cached[1], source, cfg.trust_remote_code)
     backend = choose_backend(quant, hw.device.type)
     kwargs: dict[str, Any] = {
         "dtype": hw.dtype,
@@ -149,26 +222,14 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> L
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": hw.device.index or 0}
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except Exception as e:
-        if not local and _is_offline_error(e):
-            raise DesktuneError(
-                f"model '{source}' is not a local folder nor in the local cache, and the model hub cannot be reached",
-                where="model.name",
-                fix=f"set model.name to an existing model folder, or download it where you have internet "
-                f"(huggingface-cli download {source} --local-dir DIR) and set model.name to that DIR",
-            ) from None
-        config_file = Path(source) / "config.json"
-        if local and "model_type" in str(e) and "model_type" not in json.loads(config_file.read_text("utf-8")):
-            raise DesktuneError("config.json has no 'model_type', so the architecture is unknown",
-                                where=str(config_file), fix="restore the model folder from its source") from None
-        fix = "check the folder is complete (config.json, all weight files)"
-        if "does not recognize this architecture" in str(e):
-            fix = ("upgrade transformers (pip install -U transformers), or set model.trust_remote_code: true for a "
-                   "model that ships its own code")
-        raise DesktuneError(f"could not load the model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                            where=source, fix=fix) from None
+    except (OSError, ValueError, RuntimeError, StrictDataclassError) as e:
+        # OSError: files missing or not downloadable; ValueError: a config transformers refuses; RuntimeError:
+        # weights that do not fit the config; StrictDataclassError: a config value of the wrong type
+        raise _load_error(e, source, local) from e
     tokenizer = load_tokenizer(source)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

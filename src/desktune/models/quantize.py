@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE
 from desktune.errors import DesktuneError
+from desktune.hardware import DTYPES
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
@@ -37,8 +39,6 @@ if TYPE_CHECKING:
 QUANTS = ("none", "nf4", "int8")
 BACKENDS = ("none", "bnb-nf4", "bnb-int8", "torchao-nf4", "torchao-int8")
 LOAD_TIME_BACKENDS = ("bnb-nf4", "bnb-int8")
-NF4_BLOCK_SIZE = 64  # weights per absmax scale, as in QLoRA / bitsandbytes
-NF4_SCALER_BLOCK_SIZE = 256  # scales per int8 double-quantization group, as in bitsandbytes
 
 # Tensor classes (matched by name, so nothing is imported to ask) whose storage is quantized.
 _QUANTIZED_TENSOR_CLASSES = frozenset({"NF4Tensor", "TorchAOBaseTensor", "Params4bit", "Int8Params"})
@@ -50,10 +50,6 @@ _TRANSFORMERS_TORCHAO_IMPORTS = (
     "torchao.prototype.safetensors.safetensors_support",
     "torchao.prototype.safetensors.safetensors_utils",
 )
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}
 
 
 def _check_quant(quant: str) -> str:
@@ -84,7 +80,7 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[dtype.lower()]
+        return DTYPES[dtype.lower()]
     except KeyError:
         raise DesktuneError(f"unknown compute dtype '{dtype}'", where="model.dtype",
                             fix="use bf16, fp16 or fp32") from None

@@ -7,13 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
-LOSS_CHUNK_BYTES = 64 * 2**20  # fp32 logits computed at once: bounds the loss's memory whatever the vocabulary
+from desktune.constants import IGNORE_INDEX, LOSS_CHUNK_BYTES, chunk_rows
 
+__all__ = ["LOSS_CHUNK_BYTES", "chunk_rows", "head_ce_sum", "target_ce_sum"]
 
-def chunk_rows(vocab: int) -> int:
-    """Target rows per loss chunk: LOSS_CHUNK_BYTES of fp32 logits (341 rows at 49k vocab, 130 at 128k)."""
-    return max(16, min(4096, LOSS_CHUNK_BYTES // (4 * vocab)))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -94,8 +91,8 @@ def full_logits_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False).logits
     targets = labels[:, 1:]
-    n = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+    n = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, n
 
@@ -103,7 +100,7 @@ def full_logits_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor
 def target_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
                   chunked: bool = True) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over positions whose label is not IGNORE, and how many there are.
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE_INDEX, and how many there are.
 
     A packed batch passes `position_ids` (restarting per sample) and no attention mask.
     """
@@ -113,7 +110,7 @@ def target_ce_sum(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     targets = labels[:, 1:]
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0

@@ -1,9 +1,8 @@
-"""What an exact resume needs besides weights: RNG states, fingerprints of config and data, the record so far."""
+"""What an exact resume needs besides weights: RNG states, and fingerprints of config and data to compare."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from desktune.config import RunConfig
+from desktune.config import RunConfig, resume_may_change
 from desktune.errors import DesktuneError
-
-# Keys that may change between an interrupted run and its resume without changing what it computes.
-# How samples split into micro-batches, and checkpointing, do not change the result (the loss is normalised per
-# step); the samples per step do.
-VOLATILE = {"output_dir", "run_name", "checkpoint.keep_last", "train.threads", "train.eval_every", "train.device",
-            "train.memory_budget", "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing"}
+from desktune.training.state import TrainState
 
 
 def capture_rng() -> dict[str, Any]:
@@ -50,9 +44,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as dotted keys, without the keys that may change on resume."""
-    flat = _flatten(cfg.model_dump(mode="json"))
-    kept = {k: v for k, v in flat.items() if k not in VOLATILE and not k.startswith("checkpoint.every")}
+    """The resolved config as dotted keys, without the keys that may change on resume (see config.py)."""
+    volatile = resume_may_change()
+    kept = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if k not in volatile}
     kept["train.samples_per_step"] = cfg.train.micro_batch_size * cfg.train.grad_accum
     return kept
 
@@ -79,10 +73,11 @@ def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
-def check_compatible(state: dict[str, Any], cfg: RunConfig, where: Path, accept: bool) -> list[str]:
+def check_compatible(state: TrainState, cfg: RunConfig, where: Path, accept: bool,
+                     data_now: dict[str, str] | None = None) -> list[str]:
     """Refuse a resume whose config or data changed, unless accepted; returns what changed."""
-    diff = changes(state["config_fingerprint"], config_fingerprint(cfg))
-    saved_data, now_data = state["data_fingerprint"], data_fingerprint(cfg)
+    diff = changes(state.config_fingerprint, config_fingerprint(cfg))
+    saved_data, now_data = state.data_fingerprint, data_now if data_now is not None else data_fingerprint(cfg)
     if list(saved_data) != list(now_data):
         diff.append(f"data files: {list(saved_data)} -> {list(now_data)}")
     else:
@@ -93,14 +88,3 @@ def check_compatible(state: dict[str, Any], cfg: RunConfig, where: Path, accept:
             fix="restore the original config/data, or pass --accept-changes to resume anyway",
         )
     return diff
-
-
-def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep metrics.jsonl up to the checkpoint record of `step` (later lines belong to steps being redone)."""
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    cut = next((i for i, r in enumerate(records) if r["type"] == "checkpoint" and r["step"] == step), None)
-    kept = records[: cut + 1] if cut is not None else [r for r in records if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
-    return kept

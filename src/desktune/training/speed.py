@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from desktune.config import RunConfig
+from desktune.hardware import DTYPES
 from desktune.models.packed_attention import restore_attention, use_packed_attention
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+T = TypeVar("T")
+_MISSING = object()
 
 
 @dataclass
@@ -46,7 +49,7 @@ def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) ->
     """Resolve the configured switches against the device and compute dtype."""
     tcfg, out = cfg.train, Switches()
     if tcfg.autocast != "off":
-        want = AUTOCAST_DTYPES[tcfg.autocast]
+        want = DTYPES[tcfg.autocast]
         if dtype != torch.float32:
             out.notes.append(f"train.autocast: {tcfg.autocast} has no effect: the model already computes in "
                              f"{str(dtype)[6:]} (set model.dtype: fp32 to autocast)")
@@ -73,11 +76,15 @@ def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) ->
     return out
 
 
+def _base(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_fused_kernels(model: Any) -> bool:
     """Swap RMSNorm, SwiGLU and RoPE for liger-kernel's Triton kernels (its loss is not used: ours is chunked)."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     try:
         _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
     except (ValueError, KeyError, NotImplementedError):  # an architecture liger does not cover
@@ -87,25 +94,79 @@ def apply_fused_kernels(model: Any) -> bool:
 
 def compile_layers(model: Any) -> int:
     """Compile each decoder layer in place (regional compilation: one compile, reused by every layer)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = base.get_decoder().layers
+    layers = _base(model).get_decoder().layers
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True)  # sets the layer's `_compiled_call_impl`; without it calls run eagerly
     return len(layers)
+
+
+def _namespaces(model: Any) -> list[dict[str, Any]]:
+    """Every dict a patcher writes to: each submodule's attributes, children, parameters and buffers, and the
+    globals of the model's modeling module(s) (where liger swaps `apply_rotary_pos_emb`, the norm classes...)."""
+    modules = list(model.modules())
+    spaces = [space for m in modules for space in (m.__dict__, m._modules, m._parameters, m._buffers)]
+    own = type(_base(model)).__module__  # remote-code models are defined outside transformers
+    names = {own} | {type(m).__module__ for m in modules if type(m).__module__.startswith("transformers.")}
+    return spaces + [vars(sys.modules[n]) for n in sorted(names) if n in sys.modules]
+
+
+def patching(model: Any, apply: Callable[[Any], T]) -> tuple[T, Callable[[], None]]:
+    """Run `apply(model)`; return its result and a function undoing every change it made to the model.
+
+    Changes are found by comparing (by identity) each namespace and submodule class before and after `apply`,
+    so later changes (training's own) are left alone. If `apply` raises, its changes are undone first.
+    """
+    spaces = _namespaces(model)
+    before = [dict(space) for space in spaces]
+    classes = [(m, type(m)) for m in model.modules()]
+    changes: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    moved: list[tuple[torch.nn.Module, type]] = []
+
+    def undo() -> None:
+        for space, old in changes:
+            for key, value in old.items():
+                if value is _MISSING:
+                    space.pop(key, None)
+                else:
+                    space[key] = value
+        for module, cls in moved:
+            module.__class__ = cls
+
+    def record() -> None:
+        for space, old in zip(spaces, before, strict=True):
+            diff = {k: old.get(k, _MISSING) for k in old.keys() | space.keys()
+                    if space.get(k, _MISSING) is not old.get(k, _MISSING)}
+            if diff:
+                changes.append((space, diff))
+        moved.extend((m, cls) for m, cls in classes if type(m) is not cls)
+
+    try:
+        result = apply(model)
+    except BaseException:
+        record()
+        undo()
+        raise
+    record()
+    return result, undo
 
 
 @contextlib.contextmanager
 def switched_on(model: Any, switches: Switches) -> Iterator[Switches]:
-    """Apply the model-level switches for the duration of training; packed attention is undone afterwards."""
-    previous = use_packed_attention(model) if switches.packed_attention else None
-    if switches.packed_attention and previous is None:
-        switches.packed_attention = False  # flash-attention / eager: transformers' own packed-row handling
-    if switches.fused_kernels == "liger" and not apply_fused_kernels(model):
-        switches.fused_kernels = None
-        switches.notes.append("train.fused_kernels: liger does not cover this architecture; off")
-    if switches.compiled:
-        compile_layers(model)
-    try:
+    """Apply the model-level switches for the duration of training; all are undone on exit, errors included."""
+    with contextlib.ExitStack() as undo:
+        if switches.packed_attention:
+            previous = use_packed_attention(model)
+            undo.callback(restore_attention, model, previous)
+            # flash-attention / eager: transformers' own packed-row handling
+            switches.packed_attention = previous is not None
+        if switches.fused_kernels == "liger":
+            covered, restore = patching(model, apply_fused_kernels)
+            if covered:
+                undo.callback(restore)
+            else:  # put back whatever liger patched before it found an architecture it does not cover
+                restore()
+                switches.fused_kernels = None
+                switches.notes.append("train.fused_kernels: liger does not cover this architecture; off")
+        if switches.compiled:
+            undo.callback(patching(model, compile_layers)[1])
         yield switches
-    finally:
-        restore_attention(model, previous)

@@ -1,0 +1,64 @@
+"""Write a folder so that its name only ever holds a complete copy: checkpoints, merged models, conversions.
+
+The writer fills a temporary sibling folder (its name starts with '.'), every file is fsynced, then the folder
+is renamed into place; a crash, a kill or a full disk mid-write leaves the previous folder (or none), never a
+half-written one under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+FAULT_SLEEP_ENV = "DESKTUNE_FAULT_CHECKPOINT_SLEEP"  # seconds to wait before the rename (kill tests widen the window)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync(d)
+    _fsync(folder)
+
+
+def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a temporary sibling folder, fsync it, then rename it to `out` (replacing an old one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if os.environ.get(FAULT_SLEEP_ENV):
+            time.sleep(float(os.environ[FAULT_SLEEP_ENV]))
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace a text file in one rename (readers see the old or the new content, never a mix)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

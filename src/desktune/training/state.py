@@ -1,0 +1,28 @@
+"""What a checkpoint writes and a resume reads: everything the next optimizer step depends on besides weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    """The trainer state of a checkpoint (saved beside the adapter weights in trainer_state.pt)."""
+
+    step: int  # optimizer steps done
+    micro_batch_size: int  # in use when saved (OOM recovery may have halved it)
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]  # fp16 loss scaler (disabled in bf16/fp32)
+    rng: dict[str, Any]  # every generator a step draws from (training/resume.capture_rng)
+    config_fingerprint: dict[str, Any]  # the resolved config, less the keys a resume may change
+    data_fingerprint: dict[str, str]  # sha256 of each data file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
+        """The state of a saved mapping (KeyError names a missing field)."""
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})

@@ -1,0 +1,217 @@
+"""One optimizer step in named pieces: accumulate (with OOM recovery), then the verdict, then the update.
+
+Every micro-batch's summed loss is divided by the objective's normaliser of the whole step (the step's target
+tokens), so any split of the same samples gives the same update; that is also what makes OOM recovery exact
+(halve the micro-batch, redo the step with the same samples).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from desktune.data import Example, micro_batches
+from desktune.errors import DesktuneError
+from desktune.training.monitor import Monitor
+from desktune.training.objectives import Objective
+from desktune.training.speed import Switches
+
+MAX_BAD_STEPS = 3  # consecutive non-finite steps before the run stops with a diagnosis
+
+
+@dataclass
+class Trainer:
+    """The objects an optimizer step works on, the micro-batch size in use and the step being computed."""
+
+    model: Any  # the peft model
+    params: list[torch.nn.Parameter]  # the trainable ones
+    optimizer: Any
+    scheduler: Any
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a no-op) in bf16/fp32
+    objective: Objective
+    switches: Switches
+    device: torch.device
+    pad_id: int
+    packing: bool
+    group_by_length: bool
+    max_grad_norm: float | None
+    micro: int  # samples per micro-batch: halved by OOM recovery, the samples per step never change
+    step: int = 0  # the optimizer step being computed (1-based)
+
+
+class Verdict(Enum):
+    """What became of a step's gradients."""
+
+    UPDATED = "updated"
+    OVERFLOW = "overflow"  # fp16: gradients overflowed, the loss scale was lowered, no update
+    NONFINITE = "nonfinite"  # a non-finite loss or gradient: no update
+
+
+@dataclass
+class Accumulated:
+    """Gradients of one step's samples, summed over its micro-batches."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+    nonfinite_sources: list[str] = field(default_factory=list)  # samples in micro-batches with a non-finite loss
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step measured and decided."""
+
+    verdict: Verdict
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    target_tokens: int
+    nonfinite_sources: list[str]
+    seconds: float
+
+
+def forward_backward(tr: Trainer, batch: dict[str, torch.Tensor], normaliser: int) -> float:
+    """Forward and backward of one micro-batch; returns its summed loss."""
+    with tr.switches.forward_context(tr.device):
+        s = tr.objective.loss_sum(tr.model, batch, tr.device)
+    tr.scaler.scale(s / normaliser).backward()
+    return float(s.detach())
+
+
+def accumulate(tr: Trainer, examples: list[Example], normaliser: int) -> Accumulated:
+    """Gradients of a step's samples, micro-batch by micro-batch."""
+    acc = Accumulated()
+    for chunk, batch in micro_batches(examples, tr.micro, packing=tr.packing, pad_id=tr.pad_id,
+                                      group_by_length=tr.group_by_length):
+        value = forward_backward(tr, batch, normaliser)
+        if not math.isfinite(value):
+            acc.nonfinite_sources += [ex.source for ex in chunk]
+        acc.loss_sum += value
+        acc.tokens += sum(len(ex.input_ids) for ex in chunk)
+    return acc
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA/MPS allocator OOM, or a failed CPU allocation (which PyTorch reports only as a RuntimeError)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what a failed step left behind and return cached blocks to the device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def accumulate_with_recovery(tr: Trainer, examples: list[Example], normaliser: int, mon: Monitor) -> Accumulated:
+    """`accumulate`; on out of memory, halve the micro-batch and redo the step with the same samples."""
+    while True:
+        try:
+            return accumulate(tr, examples, normaliser)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(e):
+                raise
+            tr.optimizer.zero_grad(set_to_none=True)
+            if tr.micro == 1:
+                raise DesktuneError(
+                    f"out of memory at step {tr.step} even with micro-batch 1", where="train.micro_batch_size",
+                    fix="turn on train.gradient_checkpointing, lower data.max_seq_len, or load the base with "
+                    "model.quant: nf4 (saved checkpoints are kept)") from e
+            del e  # its traceback holds the failed step's tensors
+        free_memory(tr.device)
+        per_step, old = len(examples), tr.micro
+        tr.micro //= 2
+        mon.event(f"out of memory at step {tr.step}: micro-batch {old} -> {tr.micro}, accumulation "
+                  f"{math.ceil(per_step / old)} -> {math.ceil(per_step / tr.micro)}; redoing the step",
+                  name="oom_recovery", step=tr.step, micro_batch_size=tr.micro,
+                  grad_accum=math.ceil(per_step / tr.micro))
+
+
+def apply_update(tr: Trainer, acc: Accumulated, normaliser: int) -> tuple[Verdict, float, float, float]:
+    """Clip, judge and (when the gradients are finite) apply them; returns (verdict, loss, grad norm, lr)."""
+    clip = tr.max_grad_norm if tr.max_grad_norm is not None else float("inf")
+    tr.scaler.unscale_(tr.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.params, clip))
+    lr = tr.scheduler.get_last_lr()[0]
+    loss = acc.loss_sum / normaliser
+    verdict = Verdict.UPDATED
+    if tr.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm):
+        tr.scaler.update()  # fp16 loss-scale calibration: the scaler skips this update and lowers the scale
+        verdict = Verdict.OVERFLOW
+    elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        verdict = Verdict.NONFINITE  # skip this update: the weights stay as they were
+    else:
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+        tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    return verdict, loss, grad_norm, lr
+
+
+def train_step(tr: Trainer, examples: list[Example], mon: Monitor) -> StepOutcome:
+    """One optimizer step over `examples`: accumulate, judge, update."""
+    t0 = time.perf_counter()
+    normaliser = tr.objective.normaliser(examples)
+    acc = accumulate_with_recovery(tr, examples, normaliser, mon)
+    verdict, loss, grad_norm, lr = apply_update(tr, acc, normaliser)
+    return StepOutcome(verdict=verdict, loss=loss, grad_norm=grad_norm, lr=lr, tokens=acc.tokens,
+                       target_tokens=normaliser, nonfinite_sources=acc.nonfinite_sources,
+                       seconds=time.perf_counter() - t0)
+
+
+def diagnose_nonfinite(fp16: bool, lr: float, sources: list[str]) -> str:
+    """Plain words for why losses or gradients keep going non-finite."""
+    reasons = []
+    if fp16:
+        reasons.append("fp16 overflow (use model.dtype: bf16 where supported, or fp32)")
+    if lr > 1e-3:
+        reasons.append(f"learning rate {lr:.1e} is high for LoRA (try train.lr: 2e-4)")
+    if sources:
+        rows = sorted(set(sources))
+        reasons.append(f"the loss was non-finite on batches holding {', '.join(rows[:6])}"
+                       + (f" (+{len(rows) - 6} more)" if len(rows) > 6 else "") + "; check those rows")
+    return "; ".join(reasons) or "gradients overflowed (try a lower train.lr or train.max_grad_norm)"
+
+
+@dataclass
+class NonFiniteGuard:
+    """Logs steps without an update and stops the run after MAX_BAD_STEPS non-finite steps in a row."""
+
+    last_checkpoint: Callable[[], Path | None]  # named in the message that stops the run
+    bad_steps: int = 0
+    sources: list[str] = field(default_factory=list)
+
+    def accept(self, out: StepOutcome, tr: Trainer, mon: Monitor) -> bool:
+        """True when the step updated the weights; otherwise log why not (or raise after too many)."""
+        if out.verdict is Verdict.UPDATED:
+            self.bad_steps, self.sources = 0, []
+            return True
+        step = tr.step
+        if out.verdict is Verdict.OVERFLOW:
+            mon.event(f"step {step}: fp16 gradient overflow, loss scale lowered to {tr.scaler.get_scale():g}",
+                      name="loss_scale", step=step)
+            return False
+        self.bad_steps += 1
+        self.sources += out.nonfinite_sources
+        mon.event(f"step {step}: non-finite {'loss' if not math.isfinite(out.loss) else 'gradient'}; "
+                  "update skipped", name="nonfinite", step=step, sources=out.nonfinite_sources)
+        if self.bad_steps < MAX_BAD_STEPS:
+            return False
+        last = self.last_checkpoint()
+        raise DesktuneError(
+            f"{self.bad_steps} steps in a row had non-finite losses or gradients: "
+            + diagnose_nonfinite(tr.scaler.is_enabled(), out.lr, self.sources), where=str(mon.path),
+            fix="fix the cause and start again" + (f"; the last good checkpoint is {last}" if last else ""))
