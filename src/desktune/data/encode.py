@@ -61,7 +61,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], *, generation: bool,
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DesktuneError(f"the chat template failed: {detail}", where=where, fix=_TEMPLATE_FIX) from None
+        raise DesktuneError(f"the chat template failed: {detail}", where=where, fix=_TEMPLATE_FIX) from e
     if not isinstance(text, str):
         raise DesktuneError("the chat template did not render text", where=where, fix=_TEMPLATE_FIX)
     return text

@@ -70,7 +70,7 @@ def _read_text(p: Path) -> str:
     except OSError as e:
         raise DesktuneError(
             f"cannot read the file: {e.strerror or e}", where=str(p), fix="check its permissions"
-        ) from None
+        ) from e
     if not raw.strip():
         raise DesktuneError("file is empty", where=str(p), fix="add training samples to the file")
     if raw.startswith(b"PAR1"):
@@ -90,7 +90,7 @@ def _read_text(p: Path) -> str:
             f"not UTF-8 text (invalid byte at offset {e.start})",
             where=str(p),
             fix="save the file as UTF-8 text, or pass a .parquet file",
-        ) from None
+        ) from e
 
 
 def _as_row(obj: Any, source: str) -> RawRow:
@@ -122,7 +122,7 @@ def _read_jsonl(p: Path) -> list[RawRow]:
                 f"invalid JSON on line {n}: {e.msg} (column {e.colno})",
                 where=where,
                 fix="each line must hold one complete JSON object",
-            ) from None
+            ) from e
         except RecursionError:
             raise _too_deep(where) from None
         rows.append(_as_row(obj, where))
@@ -141,7 +141,7 @@ def _read_json(p: Path) -> list[RawRow]:
             fix = "the file holds several JSON values; if it has one object per line, name it .jsonl"
         raise DesktuneError(
             f"invalid JSON: {e.msg} (column {e.colno})", where=f"{p}:{e.lineno}", fix=fix
-        ) from None
+        ) from e
     items = _json_items(obj, p)
     return [_as_row(item, f"{p}:row {i}") for i, item in enumerate(items, start=1)]
 
@@ -198,7 +198,7 @@ def _read_csv(p: Path) -> list[RawRow]:
     except csv.Error as e:
         raise DesktuneError(
             f"invalid CSV: {e}", where=f"{p}:{reader.line_num}", fix="correct the CSV quoting"
-        ) from None
+        ) from e
     return rows
 
 
@@ -215,7 +215,7 @@ def _read_parquet(p: Path) -> list[RawRow]:
             f"cannot read as Parquet: {str(e).splitlines()[0]}",
             where=str(p),
             fix="pass a valid .parquet file",
-        ) from None
+        ) from e
     return [RawRow(rec, f"{p}:row {i}") for i, rec in enumerate(records, start=1)]
 
 
@@ -235,12 +235,12 @@ def _read_saved_dataset(p: Path) -> list[RawRow]:
 
     try:
         ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # any loader failure means a bad folder
+    except (OSError, ValueError, KeyError) as e:  # missing/damaged files, bad JSON or Arrow data (ArrowInvalid)
         raise DesktuneError(
             f"cannot load the saved dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
             where=str(p),
             fix="re-save it with Dataset.save_to_disk",
-        ) from None
+        ) from e
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DesktuneError(

@@ -71,7 +71,7 @@ def _check_jinja(source: str, where: str) -> str:
             f"invalid Jinja chat template (line {e.lineno}): {e.message}",
             where=where,
             fix=f"correct the template, or use a built-in: {', '.join(BUILTIN_TEMPLATES)}",
-        ) from None
+        ) from e
     return source
 
 

@@ -81,9 +81,9 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     try:
         return DTYPES[dtype.lower()]
-    except KeyError:
+    except KeyError as e:
         raise DesktuneError(f"unknown compute dtype '{dtype}'", where="model.dtype",
-                            fix="use bf16, fp16 or fp32") from None
+                            fix="use bf16, fp16 or fp32") from e
 
 
 def load_time_config(
