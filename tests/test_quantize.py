@@ -116,7 +116,7 @@ def test_lora_grads_match_dequantized_reference_after_eval_and_generate(
     qpeft, rpeft = _lora(qmodel, dtype), _lora(ref, dtype)
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(2))
     if worst_tol is None or total_tol is None:
-        worst_tol, total_tol = _bf16_tolerances(model_dir, qmodel, names, rpeft, ids)
+        worst_tol, total_tol = _bf16_tolerances(model_dir, qmodel, names, ids)
 
     qpeft.eval()
     with torch.no_grad():
@@ -131,7 +131,16 @@ def test_lora_grads_match_dequantized_reference_after_eval_and_generate(
     assert all(is_quantized_linear(qpeft.get_submodule(f"base_model.model.{n}")) for n in names)
 
 
-def _bf16_tolerances(model_dir: Path, qmodel: torch.nn.Module, names: list[str], rpeft: peft.PeftModel,
+def _dequantized_reference(model_dir: Path, qmodel: torch.nn.Module, names: list[str],
+                           dtype: torch.dtype) -> peft.PeftModel:
+    """Plain nn.Linear layers holding the dequantized weights of `qmodel`, with the test's LoRA."""
+    ref = _load(model_dir, dtype)
+    for name in names:
+        ref.get_submodule(name).weight.data = dequantized_weight(qmodel.get_submodule(name)).to(dtype)
+    return _lora(ref, dtype)
+
+
+def _bf16_tolerances(model_dir: Path, qmodel: torch.nn.Module, names: list[str],
                      ids: torch.Tensor) -> tuple[float, float]:
     """Bounds for a bf16 run, from bf16 itself: the reference's own rounding noise (the same dequantized weights
     and adapters in bf16 against fp32), times 2. A quantized layer rounds in another order than the dense one
@@ -139,10 +148,9 @@ def _bf16_tolerances(model_dir: Path, qmodel: torch.nn.Module, names: list[str],
     measured 1.7-1.9% worst / 0.65-1.0% total against a reference noise of 2.3% / 1.1% on AVX2 and AVX512-BF16
     CPUs alike, which fixed bounds could not hold on both. A real fault (wrong weights, broken gradients) is
     of order 1."""
-    ref32 = _load(model_dir, torch.float32)
-    for name in names:
-        ref32.get_submodule(name).weight.data = dequantized_weight(qmodel.get_submodule(name)).float()
-    noise_worst, noise_total = _rel_errors(_grads(rpeft, ids), _grads(_lora(ref32, torch.float32), ids))
+    ref16 = _dequantized_reference(model_dir, qmodel, names, torch.bfloat16)  # built apart from the reference
+    ref32 = _dequantized_reference(model_dir, qmodel, names, torch.float32)  # under test: its faults stay its own
+    noise_worst, noise_total = _rel_errors(_grads(ref16, ids), _grads(ref32, ids))
     return 2 * noise_worst, 2 * noise_total
 
 
