@@ -210,6 +210,37 @@ def test_dataset_dict_without_train_split(tmp_path: Path) -> None:
     assert "no 'train' split" in str(err) and "test" in str(err)
 
 
+# ---------------------------------------------------------------- errors keep their cause; bugs stay bugs
+
+
+def test_invalid_json_line_keeps_the_decoder_error_as_cause(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path / "d.jsonl", '{"instruction": "a",\n'))
+    assert isinstance(err.__cause__, json.JSONDecodeError)
+
+
+def test_damaged_saved_dataset_keeps_the_arrow_error_as_cause(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    for arrow in (tmp_path / "ds").glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:40])  # truncated mid-schema
+    err = _error(tmp_path / "ds")
+    assert "cannot load the saved dataset" in str(err) and err.fix
+    assert isinstance(err.__cause__, pa.ArrowException)
+
+
+def test_a_bug_inside_the_dataset_loader_is_not_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug in the loader")
+
+    Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    monkeypatch.setattr(datasets, "load_from_disk", broken)
+    with pytest.raises(TypeError, match="a bug in the loader"):
+        read_rows(tmp_path / "ds")
+
+
 # ---------------------------------------------------------------- any file content: rows or a DesktuneError
 
 

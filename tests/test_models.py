@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import json
 import shutil
+import struct
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from desktune.config import ModelConfig
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, pick_dtype
-from desktune.models.loading import load_model, resolve_source
+from desktune.models.loading import check_safetensors, load_model, load_tokenizer, resolve_source
 
 CPU32 = Hardware(device=torch.device("cpu"), dtype=torch.float32)
 
@@ -61,3 +65,125 @@ def test_precision_rules():
     assert pick_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(DesktuneError, match="fp16 on the CPU"):
         pick_dtype("fp16", cpu)
+
+
+# ---------------------------------------------------------------- errors keep their cause; bugs stay bugs
+
+
+def _copy_with_config(src: Path, dst: Path, **changes: object) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return dst
+
+
+def _no_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> None:
+    def called(*args: object, **kwargs: object) -> None:
+        pytest.fail("from_pretrained ran: the config check should have refused the folder first")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", called)
+
+
+def test_damaged_safetensors_keeps_the_library_error_as_cause(tmp_path):
+    from safetensors import SafetensorError
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(struct.pack("<Q", 5) + b"{abc}")
+    with pytest.raises(DesktuneError, match="damaged or incomplete") as e:
+        check_safetensors(bad, "model", fix="copy it again")
+    assert isinstance(e.value.__cause__, SafetensorError)
+
+
+def test_unknown_architecture_is_refused_from_config_json(tiny_model_dir, tmp_path, monkeypatch):
+    model = _copy_with_config(tiny_model_dir, tmp_path / "m", model_type="no-such-arch")
+    _no_from_pretrained(monkeypatch)
+    with pytest.raises(DesktuneError, match="does not know the architecture 'no-such-arch'") as e:
+        load_model(ModelConfig(name=str(model)), CPU32)
+    assert e.value.where == str(model) and "pip install -U transformers" in e.value.fix
+
+
+def test_config_without_model_type_is_refused_from_config_json(tiny_model_dir, tmp_path, monkeypatch):
+    model = _copy_with_config(tiny_model_dir, tmp_path / "m", model_type=None)
+    _no_from_pretrained(monkeypatch)
+    with pytest.raises(DesktuneError, match="has no 'model_type'") as e:
+        load_model(ModelConfig(name=str(model)), CPU32)
+    assert e.value.where == str(model / "config.json")
+
+
+def test_a_bug_inside_from_pretrained_is_not_a_user_error(tiny_model_dir, monkeypatch):
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug in the loader")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", broken)
+    with pytest.raises(TypeError, match="a bug in the loader"):
+        load_model(ModelConfig(name=str(tiny_model_dir)), CPU32)
+
+
+def test_a_library_refusal_still_becomes_a_user_error_with_its_cause(tiny_model_dir, monkeypatch):
+    def refuses(*args: object, **kwargs: object) -> None:
+        raise ValueError("weights and config disagree")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuses)
+    with pytest.raises(DesktuneError, match="could not load the model: weights and config disagree") as e:
+        load_model(ModelConfig(name=str(tiny_model_dir)), CPU32)
+    assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_a_hub_error_that_is_not_offline_is_not_called_offline(monkeypatch):
+    def missing(*args: object, **kwargs: object) -> None:  # what transformers says for a repository not found
+        raise OSError("some-org/nope is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing)
+    with pytest.raises(DesktuneError) as e:
+        load_model(ModelConfig(name="some-org/nope"), CPU32)
+    assert "cannot be reached" not in str(e.value) and "not a valid model identifier" in str(e.value)
+
+
+def test_offline_hub_error_keeps_its_cause(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DesktuneError, match="cannot be reached") as e:
+        load_model(ModelConfig(name="some-org/not-a-cached-model"), CPU32)
+    assert isinstance(e.value.__cause__, OSError)
+
+
+def test_damaged_tokenizer_json_keeps_its_cause_and_a_bug_propagates(tiny_model_dir, tmp_path, monkeypatch):
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
+    tok = json.loads((model / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps({**tok, "pre_tokenizer": {"type": "Nope"}}))
+    with pytest.raises(DesktuneError, match="could not load the tokenizer") as e:
+        load_tokenizer(str(model))
+    assert type(e.value.__cause__) is Exception  # how the tokenizers library reports a tokenizer.json it cannot read
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise AttributeError("a bug in the tokenizer loader")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(AttributeError, match="a bug in the tokenizer loader"):
+        load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [(b"not a gguf file at all\n" * 20, ValueError), (b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 4, struct.error)],
+)
+def test_damaged_gguf_keeps_its_cause(tmp_path, monkeypatch, content, cause):
+    monkeypatch.setenv("DESKTUNE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(content)
+    with pytest.raises(DesktuneError, match="could not read the GGUF file") as e:
+        resolve_source(str(gguf))
+    assert isinstance(e.value.__cause__, cause)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_a_bug_inside_the_gguf_reader_is_not_a_user_error(tmp_path, monkeypatch):
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("a bug in the GGUF reader")
+
+    monkeypatch.setenv("DESKTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(TypeError, match="a bug in the GGUF reader"):
+        resolve_source(str(gguf))

@@ -194,7 +194,7 @@ def load_adapter(base: torch.nn.Module, path: str | Path, *, trainable: bool = F
 
     base_name = check_adapter(path).get("base_model_name_or_path")
     weights = Path(path) / ADAPTER_WEIGHTS
-    if weights.is_file() and shape_mismatches(base, _tensor_shapes(weights)):  # an adapter_model.bin: peft checks
+    if weights.is_file() and shape_mismatches(base, _tensor_shapes(weights)):  # (adapter_model.bin: peft checks)
         raise _refuse(path, base_name, "its weight shapes do not match this base model (was it trained on another "
                                        "base?)")
     try:

@@ -123,8 +123,8 @@ def _read_jsonl(p: Path) -> list[RawRow]:
                 where=where,
                 fix="each line must hold one complete JSON object",
             ) from e
-        except RecursionError:
-            raise _too_deep(where) from None
+        except RecursionError as e:
+            raise _too_deep(where) from e
         rows.append(_as_row(obj, where))
     return rows
 
@@ -133,8 +133,8 @@ def _read_json(p: Path) -> list[RawRow]:
     text = _read_text(p)
     try:
         obj = json.loads(text)
-    except RecursionError:
-        raise _too_deep(str(p)) from None
+    except RecursionError as e:
+        raise _too_deep(str(p)) from e
     except json.JSONDecodeError as e:
         fix = "correct the JSON syntax"
         if e.msg.startswith("Extra data"):
@@ -232,10 +232,13 @@ def _read_saved_dataset(p: Path) -> list[RawRow]:
             fix = f"the folder is empty; {_SUPPORTED_FIX}"
         raise DesktuneError("folder is not a dataset saved with save_to_disk", where=str(p), fix=fix)
     import datasets
+    import pyarrow as pa
 
     try:
         ds = datasets.load_from_disk(str(p))
-    except (OSError, ValueError, KeyError) as e:  # missing/damaged files, bad JSON or Arrow data (ArrowInvalid)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        # OSError: a file it names is missing; ValueError: invalid JSON (state.json, dataset_info.json,
+        # dataset_dict.json) or an unreadable .arrow file (ArrowInvalid); KeyError: a JSON file without its keys
         raise DesktuneError(
             f"cannot load the saved dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
             where=str(p),

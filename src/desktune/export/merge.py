@@ -46,7 +46,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, *, model: str | None 
         merged.save_pretrained(folder, safe_serialization=True)
         loaded.tokenizer.save_pretrained(folder)
 
-    try:  # a failed write leaves no folder under the name (and the empty one it may replace as it was)
+    try:  # on failure the temporary folder is removed: `output` is left as it was (absent or empty)
         return write_folder_atomically(output, write)
     except OSError as e:
         raise DesktuneError(f"cannot write the merged model ({e.strerror or e})", where=str(output),

@@ -114,7 +114,7 @@ def _read_config(cfg: Path) -> dict[str, Any]:
 def _check_architecture(raw: dict[str, Any], cfg: Path, source: str, trust_remote_code: bool) -> None:
     """Refuse a config.json whose architecture transformers cannot build, decided as AutoConfig does: the model's
     own code (auto_map.AutoConfig, with trust_remote_code), else `model_type` must be in CONFIG_MAPPING."""
-    from transformers import CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, __version__
 
     auto_map = raw.get("auto_map")
     if trust_remote_code and isinstance(auto_map, dict) and "AutoConfig" in auto_map:
@@ -125,7 +125,7 @@ def _check_architecture(raw: dict[str, Any], cfg: Path, source: str, trust_remot
     model_type = raw["model_type"]
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise DesktuneError(
-            f"could not load the model: this transformers does not know the architecture {model_type!r} "
+            f"could not load the model: transformers {__version__} does not know the architecture {model_type!r} "
             "(model_type in config.json)", where=source,
             fix="upgrade transformers (pip install -U transformers), or set model.trust_remote_code: true for a "
             "model that ships its own code")
@@ -135,7 +135,10 @@ def _cached_hub_config(source: str) -> tuple[dict[str, Any], Path] | None:
     """config.json of a hub id when it is in the local cache (nothing is downloaded), else None."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(source, "config.json")
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except ValueError:  # HFValidationError: not a valid repo id; from_pretrained says so
+        return None
     if not isinstance(cached, str):
         return None
     try:
@@ -203,6 +206,7 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> L
     """Load the base model frozen, in the run's precision, quantized if asked (`quant` overrides cfg.quant)."""
     quiet_transformers()
     import_torchao_quietly()  # transformers imports torchao while loading models: do it once, without its noise
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     quant = cfg.quant if quant is None else quant
@@ -222,8 +226,6 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> L
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": hw.device.index or 0}
-    from huggingface_hub.errors import StrictDataclassError
-
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, RuntimeError, StrictDataclassError) as e:
