@@ -31,6 +31,11 @@ class TrainableReport:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.2f}%)"
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _output_head_names(model: torch.nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name for name, mod in model.named_modules() if head is not None and mod is head}

@@ -143,6 +143,11 @@ class TrainConfig(_Strict):
             parse_size(v)
         return v
 
+    @property
+    def samples_per_step(self) -> int:
+        """Samples one optimizer step trains on (micro-batch x accumulation), however they split."""
+        return self.micro_batch_size * self.grad_accum
+
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}

@@ -50,7 +50,7 @@ def fit_to_budget(cfg: RunConfig, hw: Hardware) -> tuple[RunConfig, str | None]:
     inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize)
     if plan.total <= budget:
         return cfg, f"memory plan: {human_bytes(plan.total)} of {human_bytes(budget)} budget; settings kept"
-    effective = cfg.train.micro_batch_size * cfg.train.grad_accum
+    effective = cfg.train.samples_per_step
     chosen = fit_settings(inputs, budget, effective)
     if chosen is None:
         options = suggestions(inputs, budget)

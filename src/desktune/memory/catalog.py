@@ -153,7 +153,7 @@ def _read_config(path: Path) -> dict[str, Any]:
                             fix="pass a model folder with a valid config.json") from e
 
 
-def _cached_hub_config(repo_id: str) -> Path | None:
+def cached_hub_config(repo_id: str) -> Path | None:
     """config.json of a hub id already in the local Hugging Face cache (never downloads)."""
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         return None
@@ -179,7 +179,7 @@ def resolve_arch(name_or_path: str | Path) -> ArchSpec:
         return arch_from_config(_read_config(path / "config.json"), name=path.name or text)
     if path.is_file() and path.suffix == ".json":
         return arch_from_config(_read_config(path), name=path.parent.name or path.name)
-    cached = _cached_hub_config(text)
+    cached = cached_hub_config(text)
     if cached is not None:
         return arch_from_config(_read_config(cached), name=text)
     tail = key.rsplit("/", 1)[-1]  # a hub id: match its model part

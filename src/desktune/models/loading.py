@@ -13,6 +13,7 @@ from desktune.config import ModelConfig
 from desktune.constants import EMBEDDED_ALIASES, EMBEDDED_MODEL
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware
+from desktune.memory.catalog import cached_hub_config
 from desktune.models import gguf as gguf_mod
 from desktune.models.quantize import (
     choose_backend,
@@ -133,19 +134,14 @@ def _check_architecture(raw: dict[str, Any], cfg: Path, source: str, trust_remot
 
 def _cached_hub_config(source: str) -> tuple[dict[str, Any], Path] | None:
     """config.json of a hub id when it is in the local cache (nothing is downloaded), else None."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(source, "config.json")
-    except ValueError:  # HFValidationError: not a valid repo id; from_pretrained says so
-        return None
-    if not isinstance(cached, str):
+    cached = cached_hub_config(source)  # None for an invalid repo id too: from_pretrained says so
+    if cached is None:
         return None
     try:
-        raw = json.loads(Path(cached).read_text(encoding="utf-8"))
+        raw = json.loads(cached.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # transformers reports a damaged cache entry itself
         return None
-    return (raw, Path(cached)) if isinstance(raw, dict) else None
+    return (raw, cached) if isinstance(raw, dict) else None
 
 
 def _check_folder(path: Path, trust_remote_code: bool) -> None:

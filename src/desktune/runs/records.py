@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from desktune.errors import DesktuneError
 from desktune.runs.atomic import write_text_atomically
@@ -153,7 +153,10 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def records_of(records: list[Record], cls: type[Record]) -> list[Any]:
+R = TypeVar("R", bound=Record)
+
+
+def records_of(records: list[Record], cls: type[R]) -> list[R]:
     """The records of one type."""
     return [r for r in records if isinstance(r, cls)]
 

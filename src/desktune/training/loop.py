@@ -150,8 +150,7 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
     """Optimizer steps of the run: max_steps, else epochs x samples / effective batch (rounded up)."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
+    return max(1, math.ceil(cfg.train.epochs * n_train / cfg.train.samples_per_step))
 
 
 def make_trainer(run: Run, steps: int) -> Trainer:
@@ -200,11 +199,12 @@ def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
     steps = total_steps(cfg, len(run.train_set))
     tr, hist, saver = make_trainer(run, steps), History(), Saver.for_run(run)
     state = restore(run, tr, saver, resume, accept_changes, hist) if resume is not None else None
-    samples = step_samples(run, state.step if state else 0)
+    start = state.step if state else 0
+    samples = step_samples(run, start)
     with Monitor(run.dir, steps, run.console, quiet=run.quiet) as mon, GracefulStop() as stop:
         begin(run, tr, mon, hist, state, resume)
         guard = NonFiniteGuard(last_checkpoint=run.dir.latest_checkpoint)
-        for step in range((state.step if state else 0) + 1, steps + 1):
+        for step in range(start + 1, steps + 1):
             tr.step = step
             out = train_step(tr, next(samples), mon)
             if not guard.accept(out, tr, mon):
@@ -235,7 +235,7 @@ def due(every: int | None, step: int, steps: int) -> bool:
 
 def step_samples(run: Run, start: int) -> Iterator[list[Example]]:
     """The samples of each optimizer step, in the seeded order, from the step after `start` on."""
-    per_step = run.cfg.train.micro_batch_size * run.cfg.train.grad_accum
+    per_step = run.cfg.train.samples_per_step
     stream = example_stream(len(run.train_set), run.cfg.train.seed, run.cfg.data.shuffle, start=start * per_step)
     while True:
         yield [run.train_set[next(stream)] for _ in range(per_step)]
@@ -243,11 +243,10 @@ def step_samples(run: Run, start: int) -> Iterator[list[Example]]:
 
 def train_record(run: Run, tr: Trainer, out: StepOutcome) -> TrainRecord:
     """The record of an optimizer step that updated the weights."""
-    per_step = run.cfg.train.micro_batch_size * run.cfg.train.grad_accum
     return TrainRecord(step=tr.step, loss=out.loss, lr=out.lr, grad_norm=out.grad_norm, tokens=out.tokens,
                        target_tokens=out.target_tokens, tokens_per_s=out.tokens / out.seconds,
                        mem_bytes=memory_in_use(tr.device), step_s=round(out.seconds, 4),
-                       epoch=round(tr.step * per_step / len(run.train_set), 4))
+                       epoch=round(tr.step * run.cfg.train.samples_per_step / len(run.train_set), 4))
 
 
 def validate(run: Run, tr: Trainer, mon: Monitor, hist: History) -> None:

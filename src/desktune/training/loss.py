@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from desktune.adapters import base_model
 from desktune.constants import IGNORE_INDEX, LOSS_CHUNK_BYTES, chunk_rows
 
 __all__ = ["LOSS_CHUNK_BYTES", "chunk_rows", "head_ce_sum", "target_ce_sum"]
@@ -79,7 +80,7 @@ def head_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
     """The transformer body, its output projection and the final logit soft-cap of a (peft-wrapped) causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     softcap = getattr(base.config, "final_logit_softcapping", None)
     return base.get_decoder(), base.get_output_embeddings(), softcap
 

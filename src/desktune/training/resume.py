@@ -47,7 +47,7 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as dotted keys, without the keys that may change on resume (see config.py)."""
     volatile = resume_may_change()
     kept = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if k not in volatile}
-    kept["train.samples_per_step"] = cfg.train.micro_batch_size * cfg.train.grad_accum
+    kept["train.samples_per_step"] = cfg.train.samples_per_step
     return kept
 
 

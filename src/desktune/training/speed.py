@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from desktune.adapters import base_model
 from desktune.config import RunConfig
 from desktune.hardware import DTYPES
 from desktune.models.packed_attention import restore_attention, use_packed_attention
@@ -76,15 +77,11 @@ def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) ->
     return out
 
 
-def _base(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def apply_fused_kernels(model: Any) -> bool:
     """Swap RMSNorm, SwiGLU and RoPE for liger-kernel's Triton kernels (its loss is not used: ours is chunked)."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    base = _base(model)
+    base = base_model(model)
     try:
         _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
     except (ValueError, KeyError, NotImplementedError):  # an architecture liger does not cover
@@ -94,7 +91,7 @@ def apply_fused_kernels(model: Any) -> bool:
 
 def compile_layers(model: Any) -> int:
     """Compile each decoder layer in place (regional compilation: one compile, reused by every layer)."""
-    layers = _base(model).get_decoder().layers
+    layers = base_model(model).get_decoder().layers
     for layer in layers:
         layer.compile(dynamic=True)  # sets the layer's `_compiled_call_impl`; without it calls run eagerly
     return len(layers)
@@ -105,7 +102,7 @@ def _namespaces(model: Any) -> list[dict[str, Any]]:
     globals of the model's modeling module(s) (where liger swaps `apply_rotary_pos_emb`, the norm classes...)."""
     modules = list(model.modules())
     spaces = [space for m in modules for space in (m.__dict__, m._modules, m._parameters, m._buffers)]
-    own = type(_base(model)).__module__  # remote-code models are defined outside transformers
+    own = type(base_model(model)).__module__  # remote-code models are defined outside transformers
     names = {own} | {type(m).__module__ for m in modules if type(m).__module__.startswith("transformers.")}
     return spaces + [vars(sys.modules[n]) for n in sorted(names) if n in sys.modules]
 
