@@ -5,7 +5,10 @@
       metrics.jsonl            one record per step, evaluation, checkpoint and event (runs/records.py)
       checkpoints/step-NNNNNN/ resumable adapter folders (the last `checkpoint.keep_last` kept)
       adapter/                 the final adapter
+      best/                    the adapter of the lowest validation loss (runs with train.eval_every)
       demo_answers.json        base vs tuned answers (`desktune demo` only)
+      eval.json                `desktune eval`: held-out loss, forgetting, 4-bit cost, answers
+      report.html              `desktune report`: one self-contained page
 
 An adapter folder (adapter/ or a checkpoint) is a PEFT adapter plus desktune's own files:
 
@@ -30,7 +33,10 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
+BEST = "best"
 DEMO_ANSWERS = "demo_answers.json"
+EVAL = "eval.json"
+REPORT = "report.html"
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -82,8 +88,20 @@ class RunDir:
         return self.path / ADAPTER
 
     @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
     def demo_answers(self) -> Path:
         return self.path / DEMO_ANSWERS
+
+    @property
+    def eval(self) -> Path:
+        return self.path / EVAL
+
+    @property
+    def report(self) -> Path:
+        return self.path / REPORT
 
     def checkpoint(self, step: int) -> Path:
         """Where the checkpoint after `step` goes."""

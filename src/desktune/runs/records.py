@@ -40,6 +40,14 @@ class TrainRecord(Record):
     mem_bytes: int
     step_s: float
     epoch: float
+    # memory telemetry (None where the device has no such counter): process RSS now and at its peak; CUDA
+    # allocator bytes in use, peak in use since the run started, and reserved; MPS bytes allocated
+    rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    cuda_allocated_bytes: int | None = None
+    cuda_peak_bytes: int | None = None
+    cuda_reserved_bytes: int | None = None
+    mps_allocated_bytes: int | None = None
 
 
 @dataclass(kw_only=True)
