@@ -33,7 +33,7 @@ from desktune.memory.catalog import ArchSpec
 from desktune.memory.estimate import PlanInputs, estimate
 from desktune.memory.measure import PeakTracker, model_tensors
 from desktune.models.packed_attention import use_packed_attention
-from desktune.training.loss import target_ce_sum
+from desktune.scoring.ce import target_ce_sum
 from desktune.training.optim import make_optimizer
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")

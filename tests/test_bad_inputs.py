@@ -290,8 +290,8 @@ CASES: dict[str, Case] = {
         "cannot detect the data format from the keys (instruction, input): format 'alpaca' also needs 'output'",
         "add the 'output' field (a column in CSV)"),
     "all_samples_too_long": _data_case(
-        "too_long.jsonl", "", "all 3 training samples were dropped: none has a trainable token within "
-        "max_seq_len=24", "raise data.max_seq_len", max_seq_len=24, val_fraction=0.0),
+        "too_long.jsonl", "", "every label of all 3 training samples is masked: none has a trainable token "
+        "within max_seq_len=24 (rows ", "raise data.max_seq_len", max_seq_len=24, val_fraction=0.0),
     "data_folder_without_dataset": Case(_folder_without_dataset),
     "data_folder_empty": Case(_empty_folder),
     "model_folder_missing": Case(_no_model),

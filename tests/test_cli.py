@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from desktune import cli
 from tests.tiny import tiny_config
 
-VERBS = ["demo", "train", "plan", "chat", "generate", "merge"]
+VERBS = ["demo", "train", "eval", "report", "plan", "chat", "generate", "merge"]
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

@@ -278,9 +278,9 @@ def test_build_datasets_all_dropped(tok: Any, tmp_path: Path) -> None:
     cfg = DataConfig(train=_jsonl(tmp_path / "t.jsonl", ALPACA[:3]), max_seq_len=3)
     with pytest.raises(DesktuneError) as info:
         build_datasets(cfg, tok, seed=0)
-    assert "all 3 training samples were dropped" in str(info.value) and "max_seq_len" in (
-        info.value.fix or ""
-    )
+    msg = str(info.value)
+    assert "every label of all 3 training samples is masked" in msg and "max_seq_len" in (info.value.fix or "")
+    assert all(f"t.jsonl:{n}" in msg for n in (1, 2, 3)), msg  # the rows are named
 
 
 def test_build_datasets_counts_truncation(tok: Any, tmp_path: Path) -> None:

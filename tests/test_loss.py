@@ -9,8 +9,8 @@ from desktune.config import LoraConfig
 from desktune.data import collate
 from desktune.data.encode import Example
 from desktune.memory.measure import PeakTracker
-from desktune.training import loss as loss_mod
-from desktune.training.loss import chunk_rows, head_ce_sum, target_ce_sum
+from desktune.scoring import ce as loss_mod
+from desktune.scoring.ce import chunk_rows, head_ce_sum, target_ce_sum
 
 
 def _batch():

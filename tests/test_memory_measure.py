@@ -10,7 +10,7 @@ from desktune.memory import PeakTracker, PlanInputs, model_tensors
 from desktune.memory.catalog import ArchSpec
 from desktune.memory.estimate import estimate
 from desktune.memory.measure import tensor_storages
-from desktune.training.loss import target_ce_sum
+from desktune.scoring.ce import target_ce_sum
 from desktune.training.optim import make_optimizer
 
 

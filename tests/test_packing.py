@@ -13,8 +13,8 @@ from desktune.config import load_config
 from desktune.data import IGNORE_INDEX, collate, micro_batches, pack
 from desktune.data.encode import Example
 from desktune.models.packed_attention import ATTENTION, segment_bounds, use_packed_attention
+from desktune.scoring.ce import target_ce_sum
 from desktune.training.loop import train
-from desktune.training.loss import target_ce_sum
 from tests.tiny import tiny_config
 
 

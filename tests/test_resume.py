@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from desktune.config import load_config
 from desktune.errors import DesktuneError
 from desktune.runs import EventRecord, RunDir, is_complete_checkpoint, read_records, records_of
+from desktune.scoring import score as objectives  # where the loss of a batch is taken
 from desktune.training import checkpoint as ckpt_mod
-from desktune.training import objectives
 from desktune.training.loop import fit, setup, train
 from desktune.training.signals import TrainingInterrupted
 from tests.tiny import inject_fault, tiny_config

@@ -15,8 +15,8 @@ from desktune.adapters import attach_lora, enable_checkpointing
 from desktune.config import LoraConfig, load_config
 from desktune.data import IGNORE_INDEX, pack
 from desktune.data.encode import Example
+from desktune.scoring.ce import target_ce_sum
 from desktune.training.loop import train
-from desktune.training.loss import target_ce_sum
 from desktune.training.speed import Switches, choose_switches, compile_layers, patching, switched_on
 from tests.tiny import tiny_config
 

@@ -1,4 +1,4 @@
-"""The `desktune` command: demo, train, plan, generate, chat, merge."""
+"""The `desktune` command: demo, train, eval, report, plan, generate, chat, merge."""
 
 from __future__ import annotations
 
@@ -278,6 +278,66 @@ def merge(
 
     folder = merge_adapter(adapter, output, model=model, dtype=dtype.value)
     out.print(f"merged model saved: [bold]{folder}[/]")
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path | None, typer.Argument(help="A run folder (its config, adapter, validation set).")] = None,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Held-out data file (default: the run's "
+                                             "validation set).")] = None,
+    reference: Annotated[str | None, typer.Option(help="Your own forgetting reference: .txt (a prompt per line) "
+                                                  "or .jsonl with prompt (and optionally answer).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompts to answer base vs tuned (.txt or .jsonl; default: "
+                                                "the demo's, for a demo run).")] = None,
+    forgetting: Annotated[bool, typer.Option(help="Measure forgetting on the general reference.")] = True,
+    probe: Annotated[bool, typer.Option(help="Ask the knowledge probe (part of forgetting).")] = True,
+    nf4: Annotated[bool, typer.Option(help="Also score the base in 4-bit NF4 against 16 bit.")] = True,
+    device: DeviceOpt = Device.auto,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where the JSON goes (default: "
+                                                "RUN_DIR/eval.json).")] = None,
+) -> None:
+    """Held-out loss and perplexity base vs tuned, forgetting, the cost of 4-bit loading, and answers.
+
+    Example: desktune eval runs/demo
+    """
+    from desktune.evaluate.render import render
+    from desktune.evaluate.run import EvalRequest
+    from desktune.evaluate.run import evaluate as run_eval
+
+    req = EvalRequest(run_dir=run_dir, model=model, adapter=adapter, data=data, reference=reference,
+                      prompts=prompts, forgetting=forgetting, probe=probe, nf4=nf4, device=device.value, out=output)
+    result = run_eval(req, console=err)
+    out.print(render(result))
+    written = output or (RunDir(run_dir).eval if run_dir is not None else None)
+    if written is not None:
+        out.print(f"written: [bold]{written}[/]")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The HTML file (default: "
+                                                "RUN_DIR/report.html).")] = None,
+    tensorboard: Annotated[Path | None, typer.Option(help="Also write the records as TensorBoard scalars "
+                                                     "to this folder (needs the tensorboard package).")] = None,
+) -> None:
+    """One self-contained HTML page of a run: plots, config, diagnostics, evaluation, answers.
+
+    Example: desktune report runs/demo
+    """
+    from desktune.report.html import write_report
+
+    if not RunDir(run_dir).metrics.is_file():
+        raise DesktuneError(f"not a run folder (no {METRICS})", where=str(run_dir),
+                            fix="pass a folder made by `desktune train` or `desktune demo`")
+    out.print(f"report written: [bold]{write_report(run_dir, output)}[/]")
+    if tensorboard is not None:
+        from desktune.report.tensorboard import write_tensorboard
+
+        out.print(f"TensorBoard logs: [bold]{write_tensorboard(run_dir, tensorboard)}[/] "
+                  f"(tensorboard --logdir {tensorboard})")
 
 
 LATEST = "latest"

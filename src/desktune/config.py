@@ -117,6 +117,17 @@ class TrainConfig(_Strict):
     seed: int = 42
     eval_every: int | None = Field(None, gt=0, description="Validation every N steps (always at the end).",
                                    json_schema_extra=RESUME_MAY_CHANGE)
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when this many validations in a row (train.eval_every) did not improve on "
+        "the best; the best adapter is kept in best/ either way.")
+    forgetting_every: int | None = Field(
+        None, gt=0, description="Measure forgetting (loss increase and KL on the base's own answers to the "
+        "general reference) every N steps.")
+    forgetting_warn_pct: float = Field(
+        10.0, gt=0, description="Warn when the reference loss rose by more than this many percent.")
+    forgetting_stop: bool = Field(False, description="Stop (with a checkpoint) when forgetting passes the warning.")
+    diagnostics: bool = Field(True, description="Watch the run and say what looks wrong (flat or diverging "
+                              "loss, spikes, over-fitting, ...).", json_schema_extra=RESUME_MAY_CHANGE)
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", json_schema_extra=RESUME_MAY_CHANGE)
     memory_budget: str | None = Field(
         None, description="Fit micro-batch/accumulation/checkpointing to this memory (e.g. 24GB, 8GiB, auto: free "

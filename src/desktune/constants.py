@@ -23,7 +23,7 @@ IGNORE_INDEX = -100  # label of a position that is not trained on (PyTorch's cro
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DTYPE_NAMES = tuple(DTYPE_BYTES)
 
-# The loss computes this many bytes of fp32 logits at once, whatever the vocabulary (training/loss.py);
+# The loss computes this many bytes of fp32 logits at once, whatever the vocabulary (scoring/ce.py);
 # the planner charges the same chunk (memory/estimate.py).
 LOSS_CHUNK_BYTES = 64 * 2**20
 LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_MAX_ROWS = 16, 4096

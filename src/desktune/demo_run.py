@@ -12,11 +12,10 @@ from rich.table import Table
 from desktune.config import load_config
 from desktune.errors import DesktuneError
 from desktune.hardware import human_bytes
-from desktune.inference import replies
 from desktune.runs import RunDir
+from desktune.scoring.generate import ANSWER_REPETITION_PENALTY as REPETITION_PENALTY
+from desktune.scoring.generate import replies
 from desktune.training.loop import RunResult, fit, setup
-
-REPETITION_PENALTY = 1.15  # greedy decoding of a 135M model loops without it; same setting for base and tuned
 
 
 def examples_dir() -> Path:

@@ -12,8 +12,8 @@ from desktune.constants import DTYPE_NAMES
 from desktune.errors import DesktuneError
 from desktune.units import human_bytes
 
-__all__ = ["DTYPES", "Hardware", "detect", "free_memory", "human_bytes", "memory_in_use", "pick_device",
-           "pick_dtype", "set_threads"]
+__all__ = ["DTYPES", "Hardware", "MemoryTelemetry", "detect", "free_memory", "human_bytes", "memory_in_use",
+           "memory_telemetry", "pick_device", "pick_dtype", "set_threads"]
 
 _TORCH_NAMES = dict(zip(DTYPE_NAMES, ("bfloat16", "float16", "float32"), strict=True))
 # config names (and torch's own names) -> torch dtypes
@@ -107,6 +107,44 @@ def memory_in_use(device: torch.device) -> int:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass(frozen=True)
+class MemoryTelemetry:
+    """Memory counters of this process (None where the device has no such counter)."""
+
+    rss_bytes: int | None
+    peak_rss_bytes: int | None
+    cuda_allocated_bytes: int | None = None
+    cuda_peak_bytes: int | None = None
+    cuda_reserved_bytes: int | None = None
+    mps_allocated_bytes: int | None = None
+
+
+def _rss() -> tuple[int | None, int | None]:
+    """Resident memory now and at its peak (Linux: /proc/self/status VmRSS and VmHWM; else getrusage's peak)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text(encoding="ascii")
+                      .splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return None, peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def memory_telemetry(device: torch.device) -> MemoryTelemetry:
+    """Process RSS (now and peak) and the accelerator allocator's counters: nobody needs nvidia-smi."""
+    rss, peak = _rss()
+    if device.type == "cuda":
+        return MemoryTelemetry(rss, peak, cuda_allocated_bytes=int(torch.cuda.memory_allocated(device)),
+                               cuda_peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+                               cuda_reserved_bytes=int(torch.cuda.memory_reserved(device)))
+    if device.type == "mps":
+        return MemoryTelemetry(rss, peak, mps_allocated_bytes=int(torch.mps.current_allocated_memory()))
+    return MemoryTelemetry(rss, peak)
 
 
 def free_memory(device: torch.device) -> int:

@@ -15,6 +15,9 @@ from desktune.constants import EMBEDDED_MODEL
 from desktune.hardware import detect
 from desktune.models.loading import LoadedModel, load_model
 from desktune.runs.layout import CHAT_TEMPLATE
+from desktune.scoring.generate import replies
+
+__all__ = ["conversation", "load_for_inference", "private_rng", "replies", "reply"]
 
 
 def load_for_inference(model: str | None = None, adapter: str | Path | None = None, *, dtype: str = "auto",
@@ -84,26 +87,3 @@ def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], *, max_new
     with private_rng(seed, device):  # greedy too: a model left in train mode draws dropout masks
         out = model.generate(**enc, **kwargs)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-@torch.no_grad()
-def replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 96,
-            batch_size: int = 8, repetition_penalty: float = 1.0) -> list[str]:
-    """Greedy answers to several conversations, generated in left-padded batches (much faster on a CPU)."""
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    try:
-        for i in range(0, len(conversations), batch_size):
-            texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                     for c in conversations[i : i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 repetition_penalty=repetition_penalty)
-            width = enc["input_ids"].shape[1]
-            answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-    finally:
-        tokenizer.padding_side = side
-    return answers

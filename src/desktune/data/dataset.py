@@ -56,12 +56,23 @@ def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-def _all_dropped(n: int, what: str, cfg: DataConfig, where: str) -> DesktuneError:
+SHOWN_ROWS = 5  # rows named in a message; the count says how many more
+
+
+def rows_text(sources: list[str]) -> str:
+    """'a.jsonl:1, a.jsonl:2 and 3 more'."""
+    shown = ", ".join(sources[:SHOWN_ROWS])
+    return shown + (f" and {len(sources) - SHOWN_ROWS} more" if len(sources) > SHOWN_ROWS else "")
+
+
+def _all_dropped(enc: Encoded, what: str, cfg: DataConfig, where: str) -> DesktuneError:
+    """Every label masked: nothing to train on (the 'all labels are -100' runs that learn nothing)."""
     return DesktuneError(
-        f"all {n} {what} samples were dropped: none has a trainable token"
-        f" within max_seq_len={cfg.max_seq_len}",
+        f"every label of all {enc.n_dropped} {what} samples is masked: none has a trainable token"
+        f" within max_seq_len={cfg.max_seq_len} (rows {rows_text(enc.dropped)})",
         where=where,
-        fix="raise data.max_seq_len, or shorten the prompts so the assistant replies fit",
+        fix="raise data.max_seq_len, shorten the prompts so the assistant replies fit, or check that the rows "
+        "have assistant turns (data.train_on=all trains on every token)",
     )
 
 
@@ -94,10 +105,13 @@ def build_datasets(
         notes.append(FALLBACK_NOTICE)
     train = _encode(cfg, tokenizer, train_samples)
     if not train.examples:
-        raise _all_dropped(len(train_samples), "training", cfg, cfg.train)
+        raise _all_dropped(train, "training", cfg, cfg.train)
     val = _encode(cfg, tokenizer, val_samples)
     if val_samples and not val.examples:
-        raise _all_dropped(len(val_samples), "validation", cfg, cfg.val or cfg.train)
+        raise _all_dropped(val, "validation", cfg, cfg.val or cfg.train)
+    if train.dropped:
+        notes.append(f"{train.n_dropped} training sample(s) had every label masked and were dropped: rows "
+                     f"{rows_text(train.dropped)}")
     stats = DataStats(
         format=fmt,
         n_train=len(train.examples),

@@ -36,7 +36,11 @@ class Encoded:
 
     examples: list[Example] = field(default_factory=list)
     n_truncated: int = 0
-    n_dropped: int = 0
+    dropped: list[str] = field(default_factory=list)  # where each sample left with no trained token came from
+
+    @property
+    def n_dropped(self) -> int:
+        return len(self.dropped)
 
 
 # ---------------------------------------------------------------- rendering
@@ -219,7 +223,7 @@ def encode_samples(
         )
         out.n_truncated += truncated
         if example.n_target == 0:
-            out.n_dropped += 1
+            out.dropped.append(sample.source)
         else:
             out.examples.append(example)
     return out

@@ -74,7 +74,8 @@ class EvalResult:
     data: str  # where the held-out examples came from
     base: Score  # held-out loss of the base model
     tuned: Score | None  # held-out loss of base + adapter (None without an adapter)
-    nf4_base: Score | None = None  # the same held-out loss for the base loaded in 4-bit NF4
+    bit16_base: Score | None = None  # the held-out loss of the base loaded in 16 bit (its dtype) ...
+    nf4_base: Score | None = None  # ... and loaded in 4-bit NF4: what 4-bit loading costs
     forgetting: Forgetting | None = None
     answers: list[Answer] = field(default_factory=list)
     seconds: float = 0.0
@@ -83,9 +84,9 @@ class EvalResult:
     @property
     def nf4_penalty_pct(self) -> float | None:
         """How much worse the NF4 base scores than the 16-bit base on the held-out data, in %."""
-        if self.nf4_base is None or self.base.loss <= 0:
+        if self.nf4_base is None or self.bit16_base is None or self.bit16_base.loss <= 0:
             return None
-        return 100.0 * (self.nf4_base.loss - self.base.loss) / self.base.loss
+        return 100.0 * (self.nf4_base.loss - self.bit16_base.loss) / self.bit16_base.loss
 
 
 def _score(obj: dict[str, Any] | None) -> Score | None:
@@ -99,7 +100,7 @@ def _with_derived(obj: Any) -> Any:
     out = asdict(obj)
     if isinstance(obj, EvalResult):
         out["nf4_penalty_pct"] = obj.nf4_penalty_pct
-        for key in ("base", "tuned", "nf4_base"):
+        for key in ("base", "tuned", "bit16_base", "nf4_base"):
             if getattr(obj, key) is not None:
                 out[key]["perplexity"] = getattr(obj, key).perplexity
         if obj.forgetting is not None:
@@ -139,7 +140,8 @@ def read_result(path: Path) -> EvalResult:
                                                           ("questions", "base_correct", "tuned_correct", "kept")}))
         return EvalResult(
             base_model=obj["base_model"], adapter=obj.get("adapter"), data=obj["data"], base=_score(obj["base"]),
-            tuned=_score(obj.get("tuned")), nf4_base=_score(obj.get("nf4_base")), forgetting=forgetting,
+            tuned=_score(obj.get("tuned")), bit16_base=_score(obj.get("bit16_base")),
+            nf4_base=_score(obj.get("nf4_base")), forgetting=forgetting,
             answers=[Answer(**a) for a in obj.get("answers", [])], seconds=obj.get("seconds", 0.0),
             notes=list(obj.get("notes", [])))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:

@@ -61,6 +61,18 @@ class EvalRecord(Record):
 
 
 @dataclass(kw_only=True)
+class ForgettingRecord(Record):
+    """Forgetting measured during training: the tuned model on the base's own answers to the reference."""
+
+    kind: ClassVar[str] = "forgetting"
+    step: int
+    base_loss: float | None
+    tuned_loss: float | None
+    loss_increase_pct: float | None
+    kl: float | None
+
+
+@dataclass(kw_only=True)
 class CheckpointRecord(Record):
     """A resumable checkpoint was written."""
 
@@ -90,8 +102,8 @@ class EventRecord(Record):
     data: dict[str, Any] = field(default_factory=dict)
 
 
-RECORD_TYPES: dict[str, type[Record]] = {c.kind: c for c in (TrainRecord, EvalRecord, CheckpointRecord,
-                                                               SavedRecord, EventRecord)}
+RECORD_TYPES: dict[str, type[Record]] = {c.kind: c for c in (TrainRecord, EvalRecord, ForgettingRecord,
+                                                               CheckpointRecord, SavedRecord, EventRecord)}
 
 
 def _finite(value: Any) -> Any:

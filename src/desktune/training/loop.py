@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,39 @@ import torch
 from rich.console import Console
 
 from desktune.adapters import TrainableReport, attach_lora, trainable_report
-from desktune.config import RunConfig, dump_config
+from desktune.config import RunConfig, dump_config, parse_size
 from desktune.constants import VERSION
 from desktune.data import Example, build_datasets, example_stream, resolve_chat_template
 from desktune.errors import DesktuneError
-from desktune.hardware import Hardware, detect, memory_in_use, set_threads
+from desktune.hardware import Hardware, detect, free_memory, memory_in_use, memory_telemetry, set_threads
 from desktune.memory.budget import fit_to_budget
+from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
-from desktune.runs import EvalRecord, RunDir, TrainRecord, find_checkpoint, new_run_dir, records_of, truncate_records
+from desktune.runs import (
+    EvalRecord,
+    Record,
+    RunDir,
+    TrainRecord,
+    find_checkpoint,
+    new_run_dir,
+    records_of,
+    truncate_records,
+)
+from desktune.runs.diagnostics import Diagnostics, Finding, Limits
+from desktune.scoring.forgetting import reference_set
+from desktune.scoring.reference import builtin_reference
+from desktune.scoring.score import mean_target_loss
 from desktune.training.checkpoint import adapter_size, load_adapter_weights, load_state, save_adapter, save_checkpoint
+from desktune.training.checks import before_training
 from desktune.training.monitor import Monitor
-from desktune.training.objectives import mean_target_loss, objective_for
+from desktune.training.objectives import objective_for
 from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler
 from desktune.training.resume import capture_rng, check_compatible, config_fingerprint, data_fingerprint, restore_rng
 from desktune.training.signals import GracefulStop, TrainingInterrupted
 from desktune.training.speed import Switches, choose_switches, switched_on
 from desktune.training.state import TrainState
 from desktune.training.step import NonFiniteGuard, StepOutcome, Trainer, train_step
+from desktune.training.watch import Best, ForgettingWatch, early_stop
 
 
 @dataclass
@@ -76,6 +92,7 @@ class RunResult:
     wall_s: float
     train_s: float  # time inside optimizer steps (forward, backward, update): no loading, validation or saving
     trainable: TrainableReport
+    best_step: int | None = None  # where best/ came from, when a validation before the end beat the final one
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -179,6 +196,8 @@ class History:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens: int = 0
     train_s: float = 0.0
+    best: Best = field(default_factory=Best)  # the lowest validation loss, its step, validations since
+    kept: list[Record] = field(default_factory=list)  # a resumed run's earlier records
 
     def add(self, out: StepOutcome) -> None:
         self.train_losses.append(out.loss)
@@ -201,9 +220,10 @@ def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
     state = restore(run, tr, saver, resume, accept_changes, hist) if resume is not None else None
     start = state.step if state else 0
     samples = step_samples(run, start)
-    with Monitor(run.dir, steps, run.console, quiet=run.quiet) as mon, GracefulStop() as stop:
-        begin(run, tr, mon, hist, state, resume)
-        guard = NonFiniteGuard(last_checkpoint=run.dir.latest_checkpoint)
+    with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps)) as mon, \
+            GracefulStop() as stop:
+        forgetting = begin(run, tr, mon, hist, state, resume)
+        guard, ended = NonFiniteGuard(last_checkpoint=run.dir.latest_checkpoint), steps
         for step in range(start + 1, steps + 1):
             tr.step = step
             out = train_step(tr, next(samples), mon)
@@ -211,21 +231,77 @@ def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
                 continue
             hist.add(out)
             mon.step(train_record(run, tr, out))
-            if run.val_set and due(cfg.train.eval_every, step, steps):
-                validate(run, tr, mon, hist)
-            saved = saver.checkpoint(tr, mon) if due(cfg.checkpoint.every, step, steps) else None
+            halt = between_steps(run, tr, mon, hist, saver, forgetting, steps)
+            saved = saver.checkpoint(tr, mon) if due(cfg.checkpoint.every, step, steps) or halt else None
+            if halt is not None:
+                mon.diagnose(halt)
+                ended = step
+                break
             if stop.requested and step != steps:
                 saved = saved or saver.checkpoint(tr, mon)
                 mon.event(f"{stop.requested}: stopped after step {step}", name="stopped", step=step)
                 raise TrainingInterrupted(step, str(saved))
-        if run.val_set:
+        if run.val_set and ended == steps:
             tr.step = steps
             validate(run, tr, mon, hist)
-        adapter_dir, size = saver.final(steps, mon)
-    return RunResult(run_dir=run.run_dir, adapter_dir=adapter_dir, adapter_bytes=size, steps=steps,
+        adapter_dir, size = saver.final(ended, mon)
+        keep_best(run, hist, ended, mon)
+    return RunResult(run_dir=run.run_dir, adapter_dir=adapter_dir, adapter_bytes=size, steps=ended,
                      train_losses=hist.train_losses, val_losses=hist.val_losses,
                      tokens_per_s=hist.tokens / max(hist.train_s, 1e-9), wall_s=time.perf_counter() - wall0,
-                     train_s=hist.train_s, trainable=run.trainable)
+                     train_s=hist.train_s, trainable=run.trainable,
+                     best_step=hist.best.step if run.dir.best.is_dir() else None)
+
+
+def diagnostics_for(run: Run, steps: int) -> Diagnostics | None:
+    """The live checks of a run (None when train.diagnostics is off)."""
+    if not run.cfg.train.diagnostics:
+        return None
+    device = run.loaded.hardware.device
+    return Diagnostics(Limits(total_steps=steps, memory_budget_bytes=memory_limit(run.cfg, device),
+                              lr=run.cfg.train.lr))
+
+
+def memory_limit(cfg: RunConfig, device: torch.device) -> int:
+    """What memory-near-budget compares with: train.memory_budget, else what the device can give this run."""
+    budget = cfg.train.memory_budget
+    if budget and budget != "auto":
+        return parse_size(budget)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return memory_in_use(device) + free_memory(device)
+
+
+def between_steps(run: Run, tr: Trainer, mon: Monitor, hist: History, saver: Saver,
+                  forgetting: ForgettingWatch | None, steps: int) -> Finding | None:
+    """Validation (keeping the best adapter) and forgetting when due; a reason to stop early, if any."""
+    cfg, step = run.cfg, tr.step
+    halt = None
+    if run.val_set and due(cfg.train.eval_every, step, steps):
+        if validate(run, tr, mon, hist):
+            saver.best(tr, mon, hist.best.loss)
+        halt = early_stop(cfg, hist.best, step)
+    if forgetting is not None and due(cfg.train.forgetting_every, step, steps):
+        rec = forgetting.measure(run, step)
+        mon.forgetting(rec)
+        warning = forgetting.judge(cfg, rec)
+        if warning is not None and cfg.train.forgetting_stop:
+            halt = halt or warning
+        elif warning is not None:
+            mon.diagnose(warning)
+    return halt
+
+
+def keep_best(run: Run, hist: History, ended: int, mon: Monitor) -> None:
+    """Keep best/ only when a validation before the end beat the final one; say where it is."""
+    best, final = hist.best, hist.val_losses[-1] if hist.val_losses else None
+    if not run.dir.best.is_dir():
+        return
+    if final is None or best.step is None or best.step >= ended or final[1] <= best.loss:
+        shutil.rmtree(run.dir.best, ignore_errors=True)  # the final adapter is the best one
+        return
+    mon.event(f"the lowest validation loss was {best.loss:.4f} at step {best.step} (final {final[1]:.4f}): its "
+              f"adapter is in {run.dir.best}", name="best", step=best.step, val_loss=best.loss)
 
 
 def due(every: int | None, step: int, steps: int) -> bool:
@@ -246,14 +322,16 @@ def train_record(run: Run, tr: Trainer, out: StepOutcome) -> TrainRecord:
     return TrainRecord(step=tr.step, loss=out.loss, lr=out.lr, grad_norm=out.grad_norm, tokens=out.tokens,
                        target_tokens=out.target_tokens, tokens_per_s=out.tokens / out.seconds,
                        mem_bytes=memory_in_use(tr.device), step_s=round(out.seconds, 4),
-                       epoch=round(tr.step * run.cfg.train.samples_per_step / len(run.train_set), 4))
+                       epoch=round(tr.step * run.cfg.train.samples_per_step / len(run.train_set), 4),
+                       **asdict(memory_telemetry(tr.device)))
 
 
-def validate(run: Run, tr: Trainer, mon: Monitor, hist: History) -> None:
-    """Mean loss per target token on the validation set, recorded at the current step."""
+def validate(run: Run, tr: Trainer, mon: Monitor, hist: History) -> bool:
+    """Mean loss per target token on the validation set, recorded at the current step; True at a new best."""
     v, n = mean_target_loss(run.model, run.val_set, tr.micro, tr.pad_id, tr.device, tr.packing)
     hist.val_losses.append((tr.step, v))
     mon.eval(tr.step, v, n)
+    return hist.best.update(tr.step, v)
 
 
 def restore(run: Run, tr: Trainer, saver: Saver, point: Path, accept_changes: bool, hist: History) -> TrainState:
@@ -268,20 +346,41 @@ def restore(run: Run, tr: Trainer, saver: Saver, point: Path, accept_changes: bo
     kept = truncate_records(run.dir.metrics, state.step)
     hist.train_losses += [r.loss for r in records_of(kept, TrainRecord)]
     hist.val_losses += [(r.step, r.val_loss) for r in records_of(kept, EvalRecord)]
+    hist.best, hist.kept = Best.of(kept), kept
     return state
 
 
 def begin(run: Run, tr: Trainer, mon: Monitor, hist: History, state: TrainState | None,
-          resume: Path | None) -> None:
-    """Right before the first step: a resumed run restores its RNG; a new one says what it should and validates."""
+          resume: Path | None) -> ForgettingWatch | None:
+    """Right before the first step: a resumed run restores its RNG; a new one says what it should and validates.
+
+    With train.forgetting_every, the base answers the general reference first (cached per model)."""
+    forgetting = forgetting_watch(run, mon)
     run.model.train()
     if state is not None:
+        if mon.diagnostics is not None:
+            mon.diagnostics.replay(hist.kept)  # what the first part of the run reported is not said again
         restore_rng(state.rng)
         mon.event(f"resumed from {resume} at step {state.step}", name="resumed", step=state.step)
-        return
+        return forgetting
     announce(run, mon, tr.device)
     if run.val_set:
         validate(run, tr, mon, hist)
+    return forgetting
+
+
+def forgetting_watch(run: Run, mon: Monitor) -> ForgettingWatch | None:
+    """The reference forgetting is measured on during training (None unless train.forgetting_every is set)."""
+    if not run.cfg.train.forgetting_every:
+        return None
+    t0, loaded = time.perf_counter(), run.loaded
+    ref = reference_set(run.model, loaded.tokenizer, builtin_reference(), base_path=loaded.base_path,
+                        variant=f"{run.cfg.model.quant}:{str(loaded.hardware.dtype)[6:]}",
+                        max_seq_len=run.cfg.data.max_seq_len, cache=cache_dir() / "reference")
+    how = "from the cache" if ref.cached else "generated now, cached for later runs"
+    mon.event(f"forgetting reference: {ref.name}, the base's answers {how} ({time.perf_counter() - t0:.0f} s)",
+              name="forgetting_reference", prompts=len(ref.examples), cached=ref.cached)
+    return ForgettingWatch(ref)
 
 
 def announce(run: Run, mon: Monitor, device: torch.device) -> None:
@@ -294,8 +393,12 @@ def announce(run: Run, mon: Monitor, device: torch.device) -> None:
         mon.event(f"{stats.n_truncated} sample(s) longer than max_seq_len={run.cfg.data.max_seq_len} were truncated",
                   name="truncated", truncated=stats.n_truncated)
     if stats.n_dropped:
-        mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped", name="dropped",
+        mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped", name="dropped", show=False,
                   dropped=stats.n_dropped)
+    if tcfg.diagnostics:
+        for finding in before_training(run.cfg, run.train_set, run.loaded.tokenizer, run.trainable.total,
+                                       stats.n_truncated):
+            mon.diagnose(finding)
     used = effective_optimizer(tcfg.optimizer, device)
     if used != tcfg.optimizer:
         mon.event(f"{tcfg.optimizer} needs CUDA; using {used} on {device.type}", name="optimizer_fallback",
@@ -329,6 +432,15 @@ class Saver:
                               base_path=self.run.loaded.base_path, meta={**self.meta, "step": tr.step}, state=state)
         self.run.dir.prune_checkpoints(self.run.cfg.checkpoint.keep_last)
         mon.checkpoint(tr.step, out)
+        return out
+
+    def best(self, tr: Trainer, mon: Monitor, val_loss: float) -> Path:
+        """The adapter of a new lowest validation loss, in best/ (replaced at each new best)."""
+        out = save_adapter(self.run.model, self.run.loaded.tokenizer, self.run.dir.best,
+                           base_path=self.run.loaded.base_path,
+                           meta={**self.meta, "step": tr.step, "val_loss": val_loss})
+        mon.event(f"new best validation loss {val_loss:.4f}: adapter kept in {out}", name="best_saved",
+                  step=tr.step, show=False, val_loss=val_loss)
         return out
 
     def final(self, steps: int, mon: Monitor) -> tuple[Path, int]:

@@ -1,4 +1,5 @@
-"""Live progress (rich) over the run's record: every record goes to metrics.jsonl through runs.records."""
+"""Live progress (rich) over the run's record: every record goes to metrics.jsonl through runs.records, and the
+diagnostics (runs/diagnostics.py) read each step and validation record as it is written."""
 
 from __future__ import annotations
 
@@ -20,19 +21,22 @@ from desktune.runs import (
     CheckpointRecord,
     EvalRecord,
     EventRecord,
+    ForgettingRecord,
     Record,
     RecordWriter,
     RunDir,
     SavedRecord,
     TrainRecord,
 )
+from desktune.runs.diagnostics import DIAGNOSIS, Diagnostics, Finding
 from desktune.units import human_bytes
 
 
 class Monitor:
     """Writes the run's records and drives a progress bar showing loss, lr, tokens/s and memory."""
 
-    def __init__(self, run_dir: RunDir, total_steps: int, console: Console | None = None, *, quiet: bool = False):
+    def __init__(self, run_dir: RunDir, total_steps: int, console: Console | None = None, *, quiet: bool = False,
+                 diagnostics: Diagnostics | None = None):
         self.path: Path = run_dir.metrics
         self.console = console or Console(stderr=True)
         self.total_steps = total_steps
@@ -42,6 +46,7 @@ class Monitor:
         self._progress: Progress | None = None
         self._task: Any = None
         self._writer = RecordWriter(self.path)
+        self.diagnostics = diagnostics
 
     def __enter__(self) -> Monitor:
         if not self.quiet:
@@ -62,7 +67,20 @@ class Monitor:
     def write(self, record: Record) -> Record:
         """Stamp a record with the time since the start and append it (flushed at once)."""
         record.time_s = round(time.perf_counter() - self.start, 3)
-        return self._writer.write(record)
+        self._writer.write(record)
+        if self.diagnostics is not None and isinstance(record, TrainRecord | EvalRecord):
+            for finding in self.diagnostics.observe(record):
+                self.diagnose(finding)
+        return record
+
+    def diagnose(self, f: Finding) -> None:
+        """A finding: an event record with its numbers, and one sentence on screen."""
+        self.event(f.message, name=DIAGNOSIS, step=f.step, check=f.check, **f.data)
+
+    def forgetting(self, rec: ForgettingRecord) -> None:
+        """Forgetting measured during training."""
+        self.write(rec)
+        self.print(f"step {rec.step}: forgetting {rec.loss_increase_pct:+.2f}% reference loss, KL {rec.kl:.4f}")
 
     def step(self, rec: TrainRecord) -> None:
         """A finished optimizer step."""

@@ -1,0 +1,69 @@
+"""The eval result as tables on screen."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+from desktune.evaluate.results import EvalResult, Score
+
+
+def _ppl(s: Score | None) -> str:
+    return "-" if s is None else f"{s.loss:.4f}  (ppl {s.perplexity:.2f})"
+
+
+def scores_table(r: EvalResult) -> Table:
+    """Held-out loss and perplexity, base vs tuned, and the 4-bit base against the 16-bit base."""
+    t = Table(title=f"Held-out: {r.data}", show_header=True)
+    t.add_column("model")
+    t.add_column("loss per target token (perplexity)", justify="right")
+    t.add_row("base", _ppl(r.base))
+    if r.tuned is not None:
+        t.add_row("base + adapter", _ppl(r.tuned), style="green")
+    if r.nf4_base is not None and r.bit16_base is not None:
+        t.add_row("base, 16-bit", _ppl(r.bit16_base))
+        t.add_row("base, 4-bit NF4", _ppl(r.nf4_base))
+        t.add_row("cost of 4-bit loading", f"{r.nf4_penalty_pct:+.2f}% loss")
+    return t
+
+
+def forgetting_table(r: EvalResult) -> Table | None:
+    """Loss increase and KL on the reference, and knowledge-probe retention."""
+    f = r.forgetting
+    if f is None:
+        return None
+    t = Table(title=f"Forgetting: {f.reference}", show_header=True)
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("base loss on its own answers", f"{f.base.loss:.4f}")
+    t.add_row("tuned loss on the base's answers", f"{f.tuned.loss:.4f}")
+    t.add_row("loss increase", f"{f.loss_increase_pct:+.2f}%")
+    t.add_row("mean KL(base || tuned) per token", f"{f.kl:.4f} nats")
+    if f.probe is not None:
+        p = f.probe
+        t.add_row("knowledge probe: base right", f"{p.base_correct} / {p.questions}")
+        t.add_row("knowledge probe: tuned right", f"{p.tuned_correct} / {p.questions}")
+        t.add_row("knowledge kept (of the base's right answers)", f"{p.kept} / {p.base_correct} "
+                  f"({100 * p.retention:.1f}%)")
+    return t
+
+
+def answers_table(r: EvalResult) -> Table | None:
+    """Base vs tuned answers."""
+    if not r.answers:
+        return None
+    t = Table(title="Answers: base vs tuned", show_lines=True, expand=True)
+    t.add_column("prompt", ratio=1, style="bold")
+    t.add_column("base", ratio=2)
+    t.add_column("tuned", ratio=2, style="green")
+    for a in r.answers:
+        t.add_row(a.prompt, a.base, a.tuned)
+    return t
+
+
+def render(r: EvalResult) -> Group:
+    """Every table of a result, then its notes."""
+    parts = [t for t in (scores_table(r), forgetting_table(r), answers_table(r)) if t is not None]
+    parts += [f"note: {n}" for n in r.notes]
+    parts.append(f"[dim]evaluated in {r.seconds:.0f} s[/]")
+    return Group(*parts)

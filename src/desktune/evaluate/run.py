@@ -1,0 +1,206 @@
+"""`desktune eval`, top to bottom: what to evaluate, the held-out loss base vs tuned, forgetting, answers, then
+the cost of 4-bit loading; a table on screen and eval.json in the run folder.
+
+Scoring is the loop's own (scoring/): the held-out number is the validation loss the run recorded.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from desktune.adapters import load_adapter
+from desktune.config import DataConfig, RunConfig, load_config
+from desktune.constants import EMBEDDED_MODEL
+from desktune.data import Example, build_datasets, convert_rows, encode_samples, read_rows, resolve_chat_template
+from desktune.errors import DesktuneError
+from desktune.evaluate.results import Answer, EvalResult, Forgetting, Probe, Score, write_result
+from desktune.hardware import detect
+from desktune.models.gguf import cache_dir
+from desktune.models.loading import LoadedModel, load_model
+from desktune.runs import RunDir
+from desktune.runs.layout import ADAPTER_CONFIG, CHAT_TEMPLATE
+from desktune.scoring.divergence import divergence
+from desktune.scoring.forgetting import base_only, probe, reference_set
+from desktune.scoring.generate import ANSWER_REPETITION_PENALTY, replies
+from desktune.scoring.reference import Reference, builtin_probe, builtin_reference, read_reference
+from desktune.scoring.score import mean_target_loss
+
+
+@dataclass
+class EvalRequest:
+    """What to evaluate: a run folder, or a model (+ adapter) on a data file; and which parts to measure."""
+
+    run_dir: Path | None = None
+    model: str | None = None
+    adapter: Path | None = None
+    data: str | None = None
+    reference: str | None = None  # a user's reference file instead of the built-in general prompts
+    prompts: str | None = None  # a text file of prompts (one per line) to answer base vs tuned
+    forgetting: bool = True
+    probe: bool = True
+    nf4: bool = True  # also score the base loaded in 4-bit NF4 against the 16-bit base
+    device: str = "auto"
+    out: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_config(req: EvalRequest) -> tuple[RunConfig, Path | None]:
+    """The config the model is loaded and the data encoded with, and the adapter folder (None: base only)."""
+    if req.run_dir is not None:
+        run = RunDir(Path(req.run_dir))
+        if not run.config.is_file():
+            raise DesktuneError(f"not a run folder (no {run.config.name})", where=str(run.path),
+                                fix="pass a folder made by `desktune train` or `desktune demo`")
+        cfg = load_config(run.config, [f"model.name={req.model}"] if req.model else None)
+        adapter = req.adapter or (run.adapter if run.adapter.is_dir() else run.latest_checkpoint())
+        if adapter is None:
+            req.notes.append("the run has no adapter yet: the base model alone is scored")
+        return cfg, adapter
+    if req.data is None and req.adapter is None:
+        raise DesktuneError("nothing to evaluate", where="desktune eval",
+                            fix="pass a run folder, or --adapter and --data (and --model for another base)")
+    name = req.model
+    if name is None and req.adapter is not None:
+        name = json.loads((Path(req.adapter) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    cfg = RunConfig(data=DataConfig(train=req.data or ""), model={"name": name or EMBEDDED_MODEL})
+    return cfg, req.adapter
+
+
+def load(cfg: RunConfig, adapter: Path | None, device: str, quant: str | None = None) -> LoadedModel:
+    """The base as the run trained on it (or with `quant`), with the adapter on it when there is one."""
+    loaded = load_model(cfg.model, detect(device, cfg.model.dtype), quant=quant)
+    template = Path(adapter) / CHAT_TEMPLATE if adapter is not None else None
+    if template is not None and template.is_file():
+        loaded.tokenizer.chat_template = template.read_text(encoding="utf-8")
+    else:
+        resolve_chat_template(loaded.tokenizer, cfg.model.chat_template)
+    if adapter is not None:
+        loaded.model = load_adapter(loaded.model, adapter)
+    loaded.model.eval()
+    return loaded
+
+
+def held_out(cfg: RunConfig, req: EvalRequest, tokenizer: Any) -> tuple[list[Example], str]:
+    """The examples scored: --data, else the run's validation set (its training set, said so, without one)."""
+    if req.data is not None:
+        _, samples = convert_rows(read_rows(req.data), cfg.data.format)
+        enc = encode_samples(tokenizer, samples, max_seq_len=cfg.data.max_seq_len, train_on=cfg.data.train_on,
+                             system_prompt=cfg.data.system_prompt)
+        return enc.examples, f"{req.data} ({len(enc.examples)} samples)"
+    train, val, _ = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    if val:
+        return val, f"the run's validation set ({len(val)} samples)"
+    req.notes.append("the run has no validation set: the scores are on its training data, not held out")
+    return train, f"the run's training data ({len(train)} samples, not held out)"
+
+
+def score(loaded: LoadedModel, examples: list[Example], cfg: RunConfig) -> Score:
+    """Mean loss per target token of the loaded model (adapter as it is) on the examples."""
+    loss, n = mean_target_loss(loaded.model, examples, cfg.train.micro_batch_size, loaded.tokenizer.pad_token_id,
+                               loaded.hardware.device, cfg.data.packing)
+    return Score(loss=loss, target_tokens=n)
+
+
+def base_score(loaded: LoadedModel, examples: list[Example], cfg: RunConfig) -> Score:
+    """The same score with the adapter switched off."""
+    with base_only(loaded.model):
+        return score(loaded, examples, cfg)
+
+
+def variant(loaded: LoadedModel, cfg: RunConfig) -> str:
+    """How the base was loaded (its answers differ by quantization and precision)."""
+    return f"{cfg.model.quant}:{str(loaded.hardware.dtype)[6:]}"
+
+
+def forgetting(loaded: LoadedModel, cfg: RunConfig, req: EvalRequest) -> Forgetting:
+    """Loss increase and KL on the reference's base answers, and knowledge-probe retention."""
+    reference: Reference = read_reference(req.reference) if req.reference else builtin_reference()
+    cache = cache_dir() / "reference"
+    ref = reference_set(loaded.model, loaded.tokenizer, reference, base_path=loaded.base_path,
+                        variant=variant(loaded, cfg), max_seq_len=cfg.data.max_seq_len, cache=cache)
+    d = divergence(loaded.model, ref.examples, cfg.train.micro_batch_size, loaded.tokenizer.pad_token_id,
+                   loaded.hardware.device, cfg.data.packing)
+    p = None
+    if req.probe:
+        r = probe(loaded.model, loaded.tokenizer, builtin_probe(), base_path=loaded.base_path,
+                  variant=variant(loaded, cfg), cache=cache)
+        p = Probe(questions=r.questions, base_correct=r.base_correct, tuned_correct=r.tuned_correct, kept=r.kept)
+    return Forgetting(reference=ref.name, prompts=len(ref.examples), base=Score(d.base_loss, d.target_tokens),
+                      tuned=Score(d.tuned_loss, d.target_tokens), kl=d.kl, probe=p)
+
+
+def prompts_of(req: EvalRequest) -> list[str]:
+    """The prompts answered base vs tuned: --prompts, else those of the run's demo answers, else none."""
+    if req.prompts:
+        return read_reference(req.prompts).prompts
+    demo = RunDir(Path(req.run_dir)).demo_answers if req.run_dir is not None else None
+    if demo is not None and demo.is_file():
+        return [a["prompt"] for a in json.loads(demo.read_text(encoding="utf-8"))]
+    return []
+
+
+def answers(loaded: LoadedModel, prompts: list[str]) -> list[Answer]:
+    """Greedy answers of base and tuned to each prompt."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    with base_only(loaded.model):
+        before = replies(loaded.model, loaded.tokenizer, chats, repetition_penalty=ANSWER_REPETITION_PENALTY)
+    after = replies(loaded.model, loaded.tokenizer, chats, repetition_penalty=ANSWER_REPETITION_PENALTY)
+    return [Answer(p, b, a) for p, b, a in zip(prompts, before, after, strict=True)]
+
+
+def quant_pair(cfg: RunConfig, req: EvalRequest, examples: list[Example], base: Score
+               ) -> tuple[Score, Score] | None:
+    """(16-bit base, NF4 base) held-out scores: the run's own base and the base loaded the other way."""
+    other = "none" if cfg.model.quant == "nf4" else "nf4"
+    try:
+        loaded = load(cfg, None, req.device, quant=other)
+    except DesktuneError as e:
+        req.notes.append(f"4-bit comparison skipped: {str(e).splitlines()[0]}")
+        return None
+    measured = score(loaded, examples, cfg)
+    return (measured, base) if other == "none" else (base, measured)
+
+
+def evaluate(req: EvalRequest, console: Console | None = None) -> EvalResult:
+    """Measure everything `req` asks for; write eval.json (the run folder's, or req.out)."""
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    cfg, adapter = run_config(req)
+    loaded = load(cfg, adapter, req.device)
+    examples, where = held_out(cfg, req, loaded.tokenizer)
+    console.print(f"scoring {where} ...")
+    tuned = score(loaded, examples, cfg) if adapter is not None else None
+    base = base_score(loaded, examples, cfg)
+    result = EvalResult(base_model=loaded.base_path, adapter=str(adapter) if adapter else None, data=where,
+                        base=base, tuned=tuned)
+    if req.forgetting and adapter is not None:
+        console.print("measuring forgetting (the base's answers are generated once per model, then cached) ...")
+        result.forgetting = forgetting(loaded, cfg, req)
+    result.answers = answers(loaded, prompts_of(req)) if adapter is not None else []
+    device = loaded.hardware.device
+    del loaded  # the second load (4-bit or 16-bit) needs the memory
+    free(device)
+    pair = quant_pair(cfg, req, examples, base) if req.nf4 else None
+    if pair is not None:
+        result.bit16_base, result.nf4_base = pair
+    result.seconds = round(time.perf_counter() - t0, 1)
+    result.notes = req.notes
+    out = req.out or (RunDir(Path(req.run_dir)).eval if req.run_dir is not None else None)
+    if out is not None:
+        write_result(result, out)
+    return result
+
+
+def free(device: torch.device) -> None:
+    """Give memory back between the two loads."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,98 @@
+"""`desktune eval` on a tiny run: the same numbers the run recorded, forgetting, the 4-bit cost, the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from desktune import cli
+from desktune.config import load_config
+from desktune.evaluate.results import read_result
+from desktune.evaluate.run import EvalRequest, evaluate
+from desktune.runs import EvalRecord, RunDir, read_records, records_of
+from desktune.training.loop import train
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval-run")
+    cfg = load_config(tiny_config(tiny_model_dir, tmp, train={"max_steps": 6}, run_name="r"))
+    return train(cfg, quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DESKTUNE_CACHE", str(tmp_path / "cache"))
+
+
+def test_eval_reports_what_the_run_recorded(tiny_run, tmp_path):
+    out = tmp_path / "eval.json"
+    result = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=out))
+    evals = records_of(read_records(RunDir(tiny_run.run_dir).metrics), EvalRecord)
+    # the loop validates with the very function eval scores with: the same numbers
+    assert result.base.loss == pytest.approx(evals[0].val_loss, rel=1e-6)
+    assert result.tuned.loss == pytest.approx(evals[-1].val_loss, rel=1e-6)
+    assert result.tuned.loss < result.base.loss
+    assert result.tuned.perplexity == pytest.approx(math.exp(result.tuned.loss))
+    f = result.forgetting
+    assert f.prompts >= 150 and f.base.target_tokens == f.tuned.target_tokens > 0
+    assert f.kl > 0 and math.isfinite(f.loss_increase_pct)
+    assert f.probe.questions >= 100 and 0 <= f.probe.kept <= min(f.probe.base_correct, f.probe.tuned_correct)
+    assert result.nf4_base is not None and result.bit16_base == result.base
+    assert math.isfinite(result.nf4_penalty_pct) and result.nf4_base.loss != result.base.loss
+    saved = json.loads(out.read_text())
+    assert saved["tuned"]["perplexity"] == pytest.approx(result.tuned.perplexity)
+    assert saved["forgetting"]["loss_increase_pct"] == pytest.approx(f.loss_increase_pct)
+    assert read_result(out) == result
+
+
+def test_second_eval_reuses_the_base_answers(tiny_run, tmp_path):
+    first = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "a.json", nf4=False))
+    cached = list((tmp_path / "cache" / "reference").glob("*.json"))
+    assert len(cached) == 2  # general answers and probe answers
+    stamp = [p.stat().st_mtime_ns for p in cached]
+    again = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "b.json", nf4=False))
+    assert [p.stat().st_mtime_ns for p in cached] == stamp
+    assert again.forgetting == first.forgetting
+
+
+def test_eval_of_an_adapter_on_a_data_file(tiny_run, tmp_path, tiny_model_dir):
+    data = tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "what is the sea?"},
+                                             {"role": "assistant", "content": "ahoy matey! fair winds!"}]}) + "\n")
+    result = evaluate(EvalRequest(adapter=tiny_run.adapter_dir, data=str(data), forgetting=False, nf4=False,
+                                  out=tmp_path / "e.json"))
+    assert result.data.startswith(str(data)) and result.tuned.loss < result.base.loss
+    assert result.forgetting is None and result.nf4_base is None
+
+
+def test_user_reference_and_prompts(tiny_run, tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_text("what is the sea?\nwhat is paris?\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("what is the fox?\n")
+    result = evaluate(EvalRequest(run_dir=tiny_run.run_dir, reference=str(ref), prompts=str(prompts),
+                                  probe=False, nf4=False, out=tmp_path / "e.json"))
+    assert result.forgetting.reference == "ref.txt (2 prompts)" and result.forgetting.probe is None
+    assert [a.prompt for a in result.answers] == ["what is the fox?"]
+
+
+def test_cli_prints_the_tables_and_writes_the_json(tiny_run, tmp_path):
+    out = tmp_path / "cli.json"
+    res = CliRunner().invoke(cli.app, ["eval", str(tiny_run.run_dir), "--no-probe", "--no-nf4", "-o", str(out)],
+                             env={"COLUMNS": "160"})
+    assert res.exit_code == 0, res.output
+    for text in ("Held-out", "base + adapter", "Forgetting", "loss increase", "KL"):
+        assert text in res.output
+    assert out.is_file()
+
+
+def test_eval_of_a_folder_that_is_no_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["desktune", "eval", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err
