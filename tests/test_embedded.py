@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from rich.console import Console
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +24,11 @@ def test_converted_folder_is_plain_transformers():
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
 
 
-def test_demo_teaches_the_persona(tmp_path):
+def test_demo_teaches_the_persona(demo_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from desktune.demo_run import run_demo
-
-    result, before, after = run_demo(output_dir=tmp_path / "runs", console=Console(width=160, record=True))
+    result, before, after = demo_run
     tuned = sum(a.startswith("Ahoy, matey!") for a in after)
     base = sum(b.startswith("Ahoy, matey!") for b in before)
     assert base == 0 and tuned >= 3, after

@@ -80,12 +80,16 @@ def test_prompt_ids_unique_and_consecutive(prompts):
     _assert_consecutive_ids(prompts, "g")
 
 
-def test_prompts_unique(prompts):
+def _assert_unique(rows, field):
     seen: dict[str, str] = {}
-    for row in prompts:
-        key = _norm(row["prompt"])
-        assert key not in seen, f"{row['id']} repeats {seen[key]}: {row['prompt']!r}"
+    for row in rows:
+        key = _norm(row[field])
+        assert key not in seen, f"{row['id']} repeats {seen[key]}: {row[field]!r}"
         seen[key] = row["id"]
+
+
+def test_prompts_unique(prompts):
+    _assert_unique(prompts, "prompt")
 
 
 def test_no_near_duplicate_prompts(prompts):
@@ -124,11 +128,7 @@ def test_probe_ids_unique_and_consecutive(probe):
 
 
 def test_questions_unique(probe):
-    seen: dict[str, str] = {}
-    for row in probe:
-        key = _norm(row["question"])
-        assert key not in seen, f"{row['id']} repeats {seen[key]}: {row['question']!r}"
-        seen[key] = row["id"]
+    _assert_unique(probe, "question")
 
 
 def test_no_answer_leaks_from_its_question(probe):

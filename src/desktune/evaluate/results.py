@@ -79,6 +79,7 @@ class EvalResult:
     forgetting: Forgetting | None = None
     answers: list[Answer] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part: held_out, forgetting, answers, nf4
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -143,6 +144,7 @@ def read_result(path: Path) -> EvalResult:
             tuned=_score(obj.get("tuned")), bit16_base=_score(obj.get("bit16_base")),
             nf4_base=_score(obj.get("nf4_base")), forgetting=forgetting,
             answers=[Answer(**a) for a in obj.get("answers", [])], seconds=obj.get("seconds", 0.0),
+            timings=dict(obj.get("timings", {})),
             notes=list(obj.get("notes", [])))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise DesktuneError(f"not an eval result desktune wrote ({e})", where=str(path),

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +172,16 @@ def quant_pair(cfg: RunConfig, req: EvalRequest, examples: list[Example], base: 
     return (measured, base) if other == "none" else (base, measured)
 
 
+@contextmanager
+def phase(result: EvalResult, name: str, console: Console, what: str) -> Iterator[None]:
+    """Say what is being measured, then how long it took (kept in result.timings)."""
+    console.print(f"{what} ...")
+    t0 = time.perf_counter()
+    yield
+    result.timings[name] = round(time.perf_counter() - t0, 1)
+    console.print(f"[dim]  {name}: {result.timings[name]:.0f} s[/]")
+
+
 def evaluate(req: EvalRequest, console: Console | None = None) -> EvalResult:
     """Measure everything `req` asks for; write eval.json (the run folder's, or req.out)."""
     console = console or Console(stderr=True)
@@ -176,21 +189,27 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> EvalResult:
     cfg, adapter = run_config(req)
     loaded = load(cfg, adapter, req.device)
     examples, where = held_out(cfg, req, loaded.tokenizer)
-    console.print(f"scoring {where} ...")
-    tuned = score(loaded, examples, cfg) if adapter is not None else None
-    base = base_score(loaded, examples, cfg)
     result = EvalResult(base_model=loaded.base_path, adapter=str(adapter) if adapter else None, data=where,
-                        base=base, tuned=tuned)
+                        base=Score(math.nan, 0), tuned=None)
+    with phase(result, "held_out", console, f"scoring {where}"):
+        result.tuned = score(loaded, examples, cfg) if adapter is not None else None
+        result.base = base_score(loaded, examples, cfg)
     if req.forgetting and adapter is not None:
-        console.print("measuring forgetting (the base's answers are generated once per model, then cached) ...")
-        result.forgetting = forgetting(loaded, cfg, req)
-    result.answers = answers(loaded, prompts_of(req)) if adapter is not None else []
+        with phase(result, "forgetting", console, "measuring forgetting (the base's answers are generated once "
+                   "per model, then cached)"):
+            result.forgetting = forgetting(loaded, cfg, req)
+    prompts = prompts_of(req) if adapter is not None else []
+    if prompts:
+        with phase(result, "answers", console, f"answering {len(prompts)} prompts, base and tuned"):
+            result.answers = answers(loaded, prompts)
     device = loaded.hardware.device
     del loaded  # the second load (4-bit or 16-bit) needs the memory
     free(device)
-    pair = quant_pair(cfg, req, examples, base) if req.nf4 else None
-    if pair is not None:
-        result.bit16_base, result.nf4_base = pair
+    if req.nf4:
+        with phase(result, "nf4", console, "scoring the base loaded the other way (16-bit / 4-bit NF4)"):
+            pair = quant_pair(cfg, req, examples, result.base)
+        if pair is not None:
+            result.bit16_base, result.nf4_base = pair
     result.seconds = round(time.perf_counter() - t0, 1)
     result.notes = req.notes
     out = req.out or (RunDir(Path(req.run_dir)).eval if req.run_dir is not None else None)

@@ -150,7 +150,7 @@ def _forgetting(result: EvalResult) -> str:
     f = result.forgetting
     if f is None:
         return _none("forgetting: not measured")
-    rows = [["reference", f"{f.reference} ({f.prompts} prompts)"],
+    rows = [["reference", f.reference],
             ["loss increase on the base's answers", _fmt(f.loss_increase_pct, "+.2f", "%")],
             ["KL(base || tuned), nats/token", _fmt(f.kl)]]
     if f.probe is not None:
