@@ -13,8 +13,8 @@ import pytest
 
 from desktune.config import load_config
 from desktune.demo_run import examples_dir
-from desktune.evaluate.run import EvalRequest, evaluate
-from desktune.report.html import write_report
+from desktune.evaluation.run import EvalRequest, evaluate
+from desktune.reporting.html import write_report
 from desktune.runs import EventRecord, RunDir, read_records, records_of
 from desktune.runs.diagnostics import DIAGNOSIS
 from desktune.training.loop import train

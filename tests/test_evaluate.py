@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from desktune import cli
 from desktune.config import load_config
-from desktune.evaluate.results import read_result
-from desktune.evaluate.run import EvalRequest, evaluate
+from desktune.evaluation.results import read_result
+from desktune.evaluation.run import EvalRequest, evaluate
 from desktune.runs import EvalRecord, RunDir, read_records, records_of
 from desktune.training.loop import train
 from tests.tiny import tiny_config
@@ -93,6 +93,32 @@ def test_cli_prints_the_tables_and_writes_the_json(tiny_run, tmp_path):
 
 def test_eval_of_a_folder_that_is_no_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["desktune", "eval", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err
+
+
+def test_an_adapter_of_a_run_writes_into_that_run(tiny_run, tmp_path):
+    data = tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"text": "the sea is wide"}) + "\n")
+    evaluate(EvalRequest(adapter=tiny_run.adapter_dir, data=str(data), forgetting=False, nf4=False))
+    assert read_result(RunDir(tiny_run.run_dir).eval).data.startswith(str(data))
+
+
+def test_python_api_and_report_verb(tiny_run, tmp_path):
+    import desktune
+
+    result = desktune.evaluate(tiny_run.run_dir, probe=False, nf4=False, out=tmp_path / "api.json")
+    assert result.forgetting is not None and (tmp_path / "api.json").is_file()
+    page = desktune.report(tiny_run.run_dir, tmp_path / "r.html")
+    assert page.read_text().count('data-plot="') >= 5
+    res = CliRunner().invoke(cli.app, ["report", str(tiny_run.run_dir), "--tensorboard", str(tmp_path / "tb")])
+    assert res.exit_code == 0, res.output
+    assert RunDir(tiny_run.run_dir).report.is_file() and list((tmp_path / "tb").rglob("events.out.tfevents*"))
+
+
+def test_report_of_a_folder_that_is_no_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["desktune", "report", str(tmp_path)])
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from desktune.errors import DesktuneError
-from desktune.evaluate.results import Answer, EvalResult, Forgetting, Probe, Score, write_result
-from desktune.report.html import write_report
-from desktune.report.svg import nice_ticks, tick_label
-from desktune.report.tensorboard import write_tensorboard
+from desktune.evaluation.results import Answer, EvalResult, Forgetting, Probe, Score, write_result
+from desktune.reporting.html import write_report
+from desktune.reporting.svg import nice_ticks, tick_label
+from desktune.reporting.tensorboard import write_tensorboard
 from desktune.runs import EvalRecord, EventRecord, RecordWriter, RunDir, TrainRecord
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,38 @@ def test_no_module_imports_the_package_root():
     """The root package is the public face; importing it from inside would run back up the chain."""
     offenders = [p.name for p in _modules() if p.name != "__init__.py" and "desktune" in _imports(p)]
     assert offenders == []
+
+
+# the chain, in order; a module may import its own layer, the ones before it, and the foundations
+CHAIN = ["config", "hardware", "memory", "models", "adapters", "data", "scoring", "training", "evaluation",
+         "inference", "export", "reporting"]
+FOUNDATIONS = {"errors", "constants", "units", "runs"}
+FACES = {"cli", "demo_run", "__init__"}
+
+
+def _layer(module: str) -> str:
+    """The chain layer of a dotted desktune module name (or of a file's path below src/desktune)."""
+    return module.split(".")[1] if module.startswith("desktune.") else module
+
+
+def test_imports_run_down_the_chain():
+    back = []
+    for path in _modules():
+        rel = path.relative_to(SRC)
+        here = rel.parts[0].removesuffix(".py")
+        if here in FOUNDATIONS or here in FACES:
+            continue
+        for module in _imports(path):
+            there = _layer(module)
+            if module.startswith("desktune.") and there not in FOUNDATIONS and \
+                    CHAIN.index(there) > CHAIN.index(here):
+                back.append(f"{rel} imports {module}")
+    assert back == []
+
+
+def test_the_chain_check_sees_a_back_import(monkeypatch):
+    real = _imports
+    monkeypatch.setattr(sys.modules[__name__], "_imports", lambda p: real(p) | (
+        {"desktune.training.loop"} if p.name == "score.py" else set()))
+    with pytest.raises(AssertionError, match=re.escape("score.py imports desktune.training.loop")):
+        test_imports_run_down_the_chain()

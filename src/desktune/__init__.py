@@ -7,6 +7,8 @@ The Python API mirrors the CLI verbs::
     result = desktune.train(cfg)
     print(desktune.generate("Who are you?", adapter=result.adapter_dir))
     desktune.merge(result.adapter_dir, "merged/")
+    print(desktune.evaluate(result.run_dir).forgetting)
+    desktune.report(result.run_dir)
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
     from desktune.config import RunConfig
+    from desktune.evaluation.results import EvalResult
     from desktune.training.loop import RunResult
 
-__all__ = ["DesktuneError", "RunConfig", "RunResult", "__version__", "demo", "generate", "load_config", "merge",
-           "train"]
+__all__ = ["DesktuneError", "RunConfig", "RunResult", "__version__", "demo", "evaluate", "generate", "load_config",
+           "merge", "report", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -79,3 +82,21 @@ def demo(output_dir: str | Path = "runs", max_steps: int | None = None) -> RunRe
     from desktune.demo_run import run_demo
 
     return run_demo(Path(output_dir), max_steps)[0]
+
+
+def evaluate(run_dir: str | Path | None = None, **options: Any) -> EvalResult:
+    """`desktune eval`: held-out loss base vs tuned, forgetting, the NF4 cost, answers; written to eval.json.
+
+    Options are EvalRequest's fields: model, adapter, data, reference, prompts, forgetting, probe, nf4, device, out.
+    """
+    from desktune.evaluation.run import EvalRequest
+    from desktune.evaluation.run import evaluate as _evaluate
+
+    return _evaluate(EvalRequest(run_dir=Path(run_dir) if run_dir is not None else None, **options))
+
+
+def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """`desktune report`: the run's self-contained HTML page; returns its path."""
+    from desktune.reporting.html import write_report
+
+    return write_report(Path(run_dir), Path(out) if out is not None else None)

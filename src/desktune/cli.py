@@ -302,17 +302,15 @@ def evaluate(
 
     Example: desktune eval runs/demo
     """
-    from desktune.evaluate.render import render
-    from desktune.evaluate.run import EvalRequest
-    from desktune.evaluate.run import evaluate as run_eval
+    from desktune.evaluation.render import render
+    from desktune.evaluation.run import EvalRequest, output_path
+    from desktune.evaluation.run import evaluate as run_eval
 
     req = EvalRequest(run_dir=run_dir, model=model, adapter=adapter, data=data, reference=reference,
                       prompts=prompts, forgetting=forgetting, probe=probe, nf4=nf4, device=device.value, out=output)
     result = run_eval(req, console=err)
     out.print(render(result))
-    written = output or (RunDir(run_dir).eval if run_dir is not None else None)
-    if written is not None:
-        out.print(f"written: [bold]{written}[/]")
+    out.print(f"written: [bold]{output_path(req)}[/]")
 
 
 @app.command()
@@ -327,14 +325,14 @@ def report(
 
     Example: desktune report runs/demo
     """
-    from desktune.report.html import write_report
+    from desktune.reporting.html import write_report
 
     if not RunDir(run_dir).metrics.is_file():
         raise DesktuneError(f"not a run folder (no {METRICS})", where=str(run_dir),
                             fix="pass a folder made by `desktune train` or `desktune demo`")
     out.print(f"report written: [bold]{write_report(run_dir, output)}[/]")
     if tensorboard is not None:
-        from desktune.report.tensorboard import write_tensorboard
+        from desktune.reporting.tensorboard import write_tensorboard
 
         out.print(f"TensorBoard logs: [bold]{write_tensorboard(run_dir, tensorboard)}[/] "
                   f"(tensorboard --logdir {tensorboard})")

@@ -24,7 +24,7 @@ from desktune.config import DataConfig, RunConfig, load_config
 from desktune.constants import EMBEDDED_MODEL
 from desktune.data import Example, build_datasets, convert_rows, encode_samples, read_rows, resolve_chat_template
 from desktune.errors import DesktuneError
-from desktune.evaluate.results import Answer, EvalResult, Forgetting, Probe, Score, write_result
+from desktune.evaluation.results import Answer, EvalResult, Forgetting, Probe, Score, write_result
 from desktune.hardware import detect
 from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
@@ -212,10 +212,21 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> EvalResult:
             result.bit16_base, result.nf4_base = pair
     result.seconds = round(time.perf_counter() - t0, 1)
     result.notes = req.notes
-    out = req.out or (RunDir(Path(req.run_dir)).eval if req.run_dir is not None else None)
-    if out is not None:
-        write_result(result, out)
+    write_result(result, output_path(req))
     return result
+
+
+def output_path(req: EvalRequest) -> Path:
+    """Where eval.json goes: --output, else the run folder (given, or the adapter's own), else the current folder."""
+    if req.out is not None:
+        return Path(req.out)
+    if req.run_dir is not None:
+        return RunDir(Path(req.run_dir)).eval
+    if req.adapter is not None:
+        owner = RunDir(Path(req.adapter).resolve().parent)
+        if owner.metrics.is_file():  # runs/<run>/adapter or runs/<run>/best
+            return owner.eval
+    return RunDir(Path.cwd()).eval
 
 
 def free(device: torch.device) -> None:

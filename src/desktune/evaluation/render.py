@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.table import Table
 
-from desktune.evaluate.results import EvalResult, Score
+from desktune.evaluation.results import EvalResult, Score
 
 
 def _ppl(s: Score | None) -> str:

@@ -9,8 +9,8 @@ from html import escape
 from pathlib import Path
 
 from desktune.errors import DesktuneError
-from desktune.evaluate.results import EvalResult, Score, read_result
-from desktune.report.svg import Series, line_plot
+from desktune.evaluation.results import EvalResult, Score, read_result
+from desktune.reporting.svg import Series, line_plot
 from desktune.runs.atomic import write_text_atomically
 from desktune.runs.diagnostics import DIAGNOSIS
 from desktune.runs.layout import RunDir
