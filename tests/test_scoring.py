@@ -214,3 +214,15 @@ def _adapter_off(model) -> bool:
     from peft.tuners.lora import LoraLayer
 
     return all(m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def test_the_base_cache_gives_the_same_divergence(peft_model, tiny_tokenizer):
+    examples, cache = _examples(tiny_tokenizer), []
+    args = (4, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    _perturb(peft_model, scale=0.3)
+    first = divergence(peft_model, examples, *args, base_cache=cache)
+    assert len(cache) == 2  # 6 examples in micro-batches of 4
+    _perturb(peft_model, seed=1, scale=0.6)  # training moves the adapter; the base stays
+    cached = divergence(peft_model, examples, *args, base_cache=cache)
+    plain = divergence(peft_model, examples, *args)
+    assert cached == plain and cached != first

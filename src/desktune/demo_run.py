@@ -84,5 +84,7 @@ def run_demo(output_dir: Path = Path("runs"), max_steps: int | None = None,
     console.print(f"metrics: {RunDir(result.run_dir).metrics}   wall time: {wall:.0f} s   "
                   f"training: {result.tokens_per_s:.0f} tokens/s")
     console.print(f"try it: desktune chat --adapter {result.adapter_dir}")
+    console.print(f"check it: desktune eval {result.run_dir}   (forgetting, the 4-bit cost)   then   "
+                  f"desktune report {result.run_dir}")
     result.extra["wall_s"] = wall
     return result, before, after

@@ -48,11 +48,15 @@ def _log_probs(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(z, dim=-1)
 
 
-def _batch_sums(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, float, float, int]:
-    """Summed base CE, tuned CE and KL(base || tuned) of one batch, and its target count."""
+def _base_hidden(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     disable = getattr(model, "disable_adapter", None)
     with disable() if disable is not None else nullcontext():  # no adapter: the model is its own base
-        h_base, targets = _target_hidden(model, batch)
+        return _target_hidden(model, batch)
+
+
+def _batch_sums(model: Any, batch: dict[str, torch.Tensor], h_base: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[float, float, float, int]:
+    """Summed base CE, tuned CE and KL(base || tuned) of one batch, and its target count."""
     h_tuned, _ = _target_hidden(model, batch)
     base_ce = tuned_ce = kl = 0.0
     rows = chunk_rows(decoder_and_head(model)[1].weight.shape[0])
@@ -67,14 +71,24 @@ def _batch_sums(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, floa
 
 @torch.no_grad()
 def divergence(model: Any, examples: list[Example], micro_batch_size: int, pad_id: int,
-               device: torch.device, packing: bool = False) -> Divergence:
-    """Base vs tuned (the peft model with its adapter off and on) on `examples`, in eval mode."""
+               device: torch.device, packing: bool = False,
+               base_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Divergence:
+    """Base vs tuned (the peft model with its adapter off and on) on `examples`, in eval mode.
+
+    The frozen base's hidden states at the targets never change: pass the same empty list as `base_cache` to
+    repeated calls on the same examples and the base's forward pass runs only the first time (half the cost).
+    """
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0]
+    fill = base_cache is not None and not base_cache
     try:
-        for _, batch in micro_batches(examples, micro_batch_size, packing=packing, pad_id=pad_id):
-            for i, v in enumerate(_batch_sums(model, to_device(batch, device))):
+        for k, (_, batch) in enumerate(micro_batches(examples, micro_batch_size, packing=packing, pad_id=pad_id)):
+            batch = to_device(batch, device)
+            base = _base_hidden(model, batch) if base_cache is None or fill else base_cache[k]
+            if fill:
+                base_cache.append(base)
+            for i, v in enumerate(_batch_sums(model, batch, *base)):
                 sums[i] += v
     finally:
         model.train(was_training)

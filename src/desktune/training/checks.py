@@ -16,21 +16,27 @@ LR_BELOW, LR_ABOVE = 20.0, 10.0  # outside [typical / 20, typical x 10] a run ba
 TRUNCATED_SHARE = 0.10  # a tenth of the samples cut short: answers lose their ends, often their end-of-turn
 
 
-def typical_lora_lr(n_params: int) -> float:
-    """The LoRA learning rate practice uses for a base of `n_params` parameters (a rule, not a measurement)."""
+def typical_lora_lr(n_params: int, r: int = 16, rslora: bool = False) -> float:
+    """The LoRA learning rate practice uses for a base of `n_params` parameters (a rule, not a measurement).
+
+    LoRA, QLoRA and DoRA share it; rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r, sqrt(r) times
+    more, so its rate is sqrt(r) times lower for the same step in the weights.
+    """
     size, lr = LR_REFERENCE
-    return lr * (size / max(n_params, 1)) ** LR_SIZE_EXPONENT
+    return lr * (size / max(n_params, 1)) ** LR_SIZE_EXPONENT / (math.sqrt(r) if rslora else 1.0)
 
 
 def lr_finding(cfg: RunConfig, n_params: int) -> Finding | None:
-    """A learning rate far outside the usual range for LoRA on a base of this size."""
-    lr, typical = cfg.train.lr, typical_lora_lr(n_params)
+    """A learning rate far outside the usual range for the method on a base of this size."""
+    lr, typical = cfg.train.lr, typical_lora_lr(n_params, cfg.lora.r, cfg.lora.use_rslora)
     low, high = typical / LR_BELOW, typical * LR_ABOVE
     if low <= lr <= high:
         return None
     side = "low" if lr < low else "high"
     effect = "the adapter will barely learn" if side == "low" else "the loss is likely to diverge"
-    return Finding("lr_out_of_range", 0, f"train.lr={lr:.1e} is unusually {side} for LoRA on a "
+    method = "rsLoRA" if cfg.lora.use_rslora else "DoRA" if cfg.lora.use_dora else \
+        "QLoRA" if cfg.model.quant == "nf4" else "LoRA"
+    return Finding("lr_out_of_range", 0, f"train.lr={lr:.1e} is unusually {side} for {method} on a "
                    f"{n_params / 1e6:.0f}M-parameter base (usual {low:.0e} to {high:.0e}, typical {typical:.0e}): "
                    f"{effect} - set train.lr near {typical:.0e}.",
                    {"lr": lr, "typical": typical, "low": low, "high": high})
@@ -61,4 +67,4 @@ def before_training(cfg: RunConfig, train: list[Example], tokenizer: Any, n_para
     """Every finding of the checks above."""
     found = [lr_finding(cfg, n_params), end_of_turn_finding(train, tokenizer),
              truncation_finding(n_truncated, len(train), cfg.data.max_seq_len)]
-    return [f for f in found if f is not None and math.isfinite(cfg.train.lr)]
+    return [f for f in found if f is not None]

@@ -31,6 +31,7 @@ from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
 from desktune.runs import (
     EvalRecord,
+    EventRecord,
     Record,
     RunDir,
     TrainRecord,
@@ -355,7 +356,7 @@ def begin(run: Run, tr: Trainer, mon: Monitor, hist: History, state: TrainState 
     """Right before the first step: a resumed run restores its RNG; a new one says what it should and validates.
 
     With train.forgetting_every, the base answers the general reference first (cached per model)."""
-    forgetting = forgetting_watch(run, mon)
+    forgetting = forgetting_watch(run, mon, hist.kept)
     run.model.train()
     if state is not None:
         if mon.diagnostics is not None:
@@ -369,8 +370,9 @@ def begin(run: Run, tr: Trainer, mon: Monitor, hist: History, state: TrainState 
     return forgetting
 
 
-def forgetting_watch(run: Run, mon: Monitor) -> ForgettingWatch | None:
-    """The reference forgetting is measured on during training (None unless train.forgetting_every is set)."""
+def forgetting_watch(run: Run, mon: Monitor, kept: list[Record]) -> ForgettingWatch | None:
+    """The reference forgetting is measured on during training (None unless train.forgetting_every is set);
+    a resumed run that already warned does not warn again."""
     if not run.cfg.train.forgetting_every:
         return None
     t0, loaded = time.perf_counter(), run.loaded
@@ -380,7 +382,8 @@ def forgetting_watch(run: Run, mon: Monitor) -> ForgettingWatch | None:
     how = "from the cache" if ref.cached else "generated now, cached for later runs"
     mon.event(f"forgetting reference: {ref.name}, the base's answers {how} ({time.perf_counter() - t0:.0f} s)",
               name="forgetting_reference", prompts=len(ref.examples), cached=ref.cached)
-    return ForgettingWatch(ref)
+    warned = any(isinstance(r, EventRecord) and r.data.get("check") == "forgetting" for r in kept)
+    return ForgettingWatch(ref, warned=warned)
 
 
 def announce(run: Run, mon: Monitor, device: torch.device) -> None:
@@ -396,8 +399,8 @@ def announce(run: Run, mon: Monitor, device: torch.device) -> None:
         mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped", name="dropped", show=False,
                   dropped=stats.n_dropped)
     if tcfg.diagnostics:
-        for finding in before_training(run.cfg, run.train_set, run.loaded.tokenizer, run.trainable.total,
-                                       stats.n_truncated):
+        base_params = run.trainable.total - run.trainable.trainable
+        for finding in before_training(run.cfg, run.train_set, run.loaded.tokenizer, base_params, stats.n_truncated):
             mon.diagnose(finding)
     used = effective_optimizer(tcfg.optimizer, device)
     if used != tcfg.optimizer:

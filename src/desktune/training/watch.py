@@ -4,7 +4,7 @@ validation loss with patience, and forgetting measured every N steps with a thre
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from desktune.config import RunConfig
@@ -55,12 +55,13 @@ class ForgettingWatch:
 
     reference: ReferenceSet
     warned: bool = False
+    base_cache: list[Any] = field(default_factory=list)  # the base's hidden states at the targets, kept
 
     def measure(self, run: Any, step: int) -> ForgettingRecord:
         """The tuned model (as it is now) against the base on the reference."""
         tok = run.loaded.tokenizer
         d = divergence(run.model, self.reference.examples, run.cfg.train.micro_batch_size, tok.pad_token_id,
-                       run.loaded.hardware.device, run.cfg.data.packing)
+                       run.loaded.hardware.device, run.cfg.data.packing, base_cache=self.base_cache)
         return ForgettingRecord(step=step, base_loss=d.base_loss, tuned_loss=d.tuned_loss,
                                 loss_increase_pct=d.loss_increase_pct, kl=d.kl)
 
