@@ -172,7 +172,7 @@ def measure(s: Setting, device: torch.device, dtype: torch.dtype) -> int:
     model = build(s, device, dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, TrainConfig(optimizer="adamw"), device)
+    optimizer = make_optimizer(params, TrainConfig(optimizer="adamw", lr=2e-4), device)
     batches = [batch(s, i, device) for i in range(2 * s.accum)]
     with PeakTracker(device, model_tensors(model)) as tracker:
         for step in range(2):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from desktune.config import load_config
-from desktune.training.checks import lr_finding, typical_lora_lr
+from desktune.defaults import typical_lora_lr
+from desktune.training.checks import lr_finding
 
 
 def _cfg(lr: float, **lora) -> object:

@@ -14,8 +14,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_defaults_and_required_data():
     cfg = load_config({"data": {"train": "x.jsonl"}})
     assert cfg.lora.r == 16 and cfg.lora.alpha == 32
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert cfg.train.lr == 2e-4 and cfg.data.train_on == "assistant"
+    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.train.lr == "auto" and cfg.train.epochs == "auto" and cfg.data.train_on == "assistant"
     with pytest.raises(DesktuneError, match="missing required key 'data'"):
         load_config({})
 
@@ -79,6 +79,12 @@ def test_qlora_example_is_the_classic_recipe():
     assert (cfg.model.quant, cfg.model.double_quant, cfg.model.dtype) == ("nf4", True, "bf16")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"])
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.lr) == (2, 4, 2e-4)
+
+
+def test_seed_recipe_example_keeps_the_classic_settings():
+    cfg = load_config(EXAMPLES / "seed-recipe.yaml")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.lr, cfg.train.epochs) == (2, 4, 2e-4, 1)
 
 
 def test_dump_round_trips(tmp_path: Path):

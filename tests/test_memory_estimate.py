@@ -119,7 +119,8 @@ def test_suggestions_fit_and_are_empty_when_it_fits():
 
 def test_from_run_config():
     cfg = load_config({"data": {"train": "x.jsonl", "max_seq_len": 512},
-                       "model": {"quant": "nf4"}, "train": {"micro_batch_size": 3, "optimizer": "adamw_8bit"}})
+                       "model": {"quant": "nf4"}, "train": {"micro_batch_size": 3, "optimizer": "adamw_8bit"},
+                       "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}})
     inputs = PlanInputs.from_run_config(cfg, resolve_arch("qwen2.5-0.5b"), "cuda", 2)
     assert (inputs.seq_len, inputs.micro_batch, inputs.quant, inputs.optimizer) == (512, 3, "nf4", "adamw_8bit")
     assert inputs.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -68,10 +68,10 @@ def test_estimate_matches_a_real_training_step():
         num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
         head_dim=arch.head_dim, tie_word_embeddings=True, attn_implementation="sdpa"))
     model.requires_grad_(False)
-    model = attach_lora(model, LoraConfig(r=8, dropout=0.05))
+    model = attach_lora(model, LoraConfig(r=8, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, TrainConfig(), torch.device("cpu"))
+    optimizer = make_optimizer(params, TrainConfig(lr=2e-4), torch.device("cpu"))
     ids = torch.randint(0, arch.vocab, (2, 256), generator=torch.Generator().manual_seed(0))
     with PeakTracker("cpu", model_tensors(model)) as tr:
         for _ in range(2):

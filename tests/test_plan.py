@@ -27,7 +27,7 @@ def _plan(*args: str) -> str:
 
 def test_plan_without_weights_shows_components_verdict_and_limits():
     text = _plan("--model", "llama-3.1-8b", "--quant", "nf4", "--seq-len", "2048", "--micro-batch", "2",
-                 "--budget", "24GB")
+                 "--budget", "24GB", "--targets", "q_proj,k_proj,v_proj,o_proj")
     for name in COMPONENTS:
         assert name in text
     assert "logits and loss" in text or "layer backward" in text  # the phase at which the step peaks

@@ -96,7 +96,7 @@ def test_no_module_imports_the_package_root():
 
 
 # the chain, in order; a module may import its own layer, the ones before it, and the foundations
-CHAIN = ["config", "hardware", "memory", "models", "adapters", "data", "scoring", "training", "evaluation",
+CHAIN = ["config", "hardware", "memory", "defaults", "models", "adapters", "data", "scoring", "training", "evaluation",
          "inference", "export", "reporting"]
 FOUNDATIONS = {"errors", "constants", "units", "runs"}
 FACES = {"cli", "demo_run", "__init__"}

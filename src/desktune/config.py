@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -51,8 +51,8 @@ class LoraConfig(_Strict):
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names to adapt, or 'all-linear' for every linear layer but the output head.",
+        "all-linear", description="Module names to adapt, or 'all-linear' (the default) for every linear layer but "
+        "the output head: LoRA learns most when it adapts the MLP too.",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
@@ -82,12 +82,17 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """The optimisation loop."""
 
-    epochs: float = Field(1.0, gt=0)
+    epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Passes over the training data; auto: from the dataset's size (small sets get more).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(2, gt=0, json_schema_extra=RESUME_MAY_CHANGE)
     grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step.",
                             json_schema_extra=RESUME_MAY_CHANGE)
-    lr: float = Field(2e-4, gt=0)
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Peak learning rate; auto: from the base's size and the method (docs/defaults.md).")
+    time_budget: str | None = Field(
+        None, description="Train for at most this long (90s, 6m, 2h): the step count is fixed from the first "
+        "steps' measured time, and the schedule completes at the end.")
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -145,6 +150,15 @@ class TrainConfig(_Strict):
             return False
         return v
 
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        if isinstance(v, int | float):
+            v = f"{v}s"
+        if isinstance(v, str):
+            parse_duration(v)
+        return v
+
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _budget(cls, v: object) -> object:
@@ -162,6 +176,23 @@ class TrainConfig(_Strict):
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """'90s' -> 90, '6m' -> 360, '2h' -> 7200, '1h30m' -> 5400 seconds."""
+    if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text):  # a bare number is seconds
+        text = f"{text.strip()}s"
+    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([a-z]+)", text.strip().lower())
+    if not parts or re.sub(r"[0-9.\s]|sec|min|[smh]", "", text.strip().lower()) or \
+            any(unit not in _SECONDS for _, unit in parts):
+        raise ValueError(f"'{text}' is not a duration (examples: 90s, 6m, 2h, 1h30m)")
+    seconds = sum(float(n) * _SECONDS[unit] for n, unit in parts)
+    if seconds <= 0:
+        raise ValueError(f"'{text}' is not a positive duration")
+    return seconds
 
 
 def parse_size(text: str | int | float) -> int:
@@ -267,14 +298,21 @@ def _default_at(loc: tuple[str, ...]) -> str | None:
     return None
 
 
+_UNION_TAGS = {"constrained-float", "constrained-int", "float", "int", "str", "bool"}
+
+
 def _format_validation_error(err: ValidationError, source: str) -> DesktuneError:
     lines = []
     fixes: dict[str, str] = {}
     bad_values: list[str] = []
+    said: set[str] = set()
     for e in err.errors():
-        # drop pydantic's union-branch tags such as 'list[str]' or "literal['all-linear']" from the key
-        loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+        # drop pydantic's union-branch tags such as 'list[str]', "literal['all-linear']" or 'constrained-float'
+        loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
         dotted = ".".join(loc)
+        if dotted in said:  # a union's other branches failed too: the first branch's message says enough
+            continue
+        said.add(dotted)
         if e["type"] == "extra_forbidden":
             hint = _suggest(loc[-1], loc[:-1])
             lines.append(f"unknown key '{dotted}'" + (f" ({hint})" if hint else ""))

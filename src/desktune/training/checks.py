@@ -3,27 +3,15 @@ encoded data will teach (end-of-turn in the labels, truncation). Findings go out
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from desktune.config import RunConfig
 from desktune.data import Example
+from desktune.defaults import typical_lora_lr
 from desktune.runs.diagnostics import Finding
 
-LR_REFERENCE = (8e9, 2e-4)  # LoRA on 7-8B models: practice settled around 1e-4 to 2e-4 (QLoRA paper, TRL, Unsloth)
-LR_SIZE_EXPONENT = 0.35  # smaller models take higher LoRA rates: 135M -> ~8e-4 (LoRA Without Regret, 2025)
 LR_BELOW, LR_ABOVE = 20.0, 10.0  # outside [typical / 20, typical x 10] a run barely moves or diverges
 TRUNCATED_SHARE = 0.10  # a tenth of the samples cut short: answers lose their ends, often their end-of-turn
-
-
-def typical_lora_lr(n_params: int, r: int = 16, rslora: bool = False) -> float:
-    """The LoRA learning rate practice uses for a base of `n_params` parameters (a rule, not a measurement).
-
-    LoRA, QLoRA and DoRA share it; rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r, sqrt(r) times
-    more, so its rate is sqrt(r) times lower for the same step in the weights.
-    """
-    size, lr = LR_REFERENCE
-    return lr * (size / max(n_params, 1)) ** LR_SIZE_EXPONENT / (math.sqrt(r) if rslora else 1.0)
 
 
 def lr_finding(cfg: RunConfig, n_params: int) -> Finding | None:

@@ -21,9 +21,10 @@ import torch
 from rich.console import Console
 
 from desktune.adapters import TrainableReport, attach_lora, trainable_report
-from desktune.config import RunConfig, dump_config, parse_size
+from desktune.config import RunConfig, dump_config, parse_duration, parse_size
 from desktune.constants import VERSION
 from desktune.data import Example, build_datasets, example_stream, resolve_chat_template
+from desktune.defaults import auto_epochs, auto_lr
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, detect, free_memory, memory_in_use, memory_telemetry, set_threads
 from desktune.memory.budget import fit_to_budget
@@ -44,6 +45,7 @@ from desktune.runs.diagnostics import Diagnostics, Finding, Limits
 from desktune.scoring.forgetting import reference_set
 from desktune.scoring.reference import builtin_reference
 from desktune.scoring.score import mean_target_loss
+from desktune.training.budget import first_steps, fit_steps, time_steps
 from desktune.training.checkpoint import adapter_size, load_adapter_weights, load_state, save_adapter, save_checkpoint
 from desktune.training.checks import before_training
 from desktune.training.monitor import Monitor
@@ -72,6 +74,7 @@ class Run:
     console: Console
     quiet: bool = False
     fit_note: str | None = None  # what fitting to train.memory_budget changed
+    chosen: list[str] = field(default_factory=list)  # what `auto` settings became, and why
     switches: Switches = field(default_factory=Switches)  # speed/memory switches in use (set by fit)
 
     @property
@@ -143,6 +146,7 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
     run.fit_note = fit_note
+    dump_config(run.cfg, run_dir.config)  # with the values `auto` chose
     return run
 
 
@@ -154,14 +158,31 @@ def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quie
     model = attach_lora(loaded.model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
     report = trainable_report(model)
     train_set, val_set, stats = build_datasets(cfg.data, loaded.tokenizer, cfg.train.seed)
+    cfg, chosen = resolve_auto(cfg, report.total - report.trainable, len(train_set))
     if not quiet:
         console.print(f"base: {loaded.base_path}  quantization: {loaded.quant_backend}")
         console.print(str(report))
         console.print(f"data: {stats.summary()}")
-        for note in stats.notes:
+        for note in [*stats.notes, *chosen]:
             console.print(f"note: {note}")
     return Run(cfg=cfg, run_dir=run_dir, loaded=loaded, model=model, train_set=train_set, val_set=val_set,
-               data_stats=stats, trainable=report, console=console, quiet=quiet)
+               data_stats=stats, trainable=report, console=console, quiet=quiet, chosen=chosen)
+
+
+def resolve_auto(cfg: RunConfig, base_params: int, n_train: int) -> tuple[RunConfig, list[str]]:
+    """The config with `auto` values chosen (learning rate, epochs), and the reasons; explicit values win."""
+    chosen: dict[str, float] = {}
+    reasons = []
+    if cfg.train.lr == "auto":
+        method = "DoRA" if cfg.lora.use_dora else "QLoRA" if cfg.model.quant == "nf4" else "LoRA"
+        c = auto_lr(base_params, cfg.lora.r, cfg.lora.use_rslora, method)
+        chosen["lr"], reasons = c.value, [*reasons, c.reason]
+    if cfg.train.epochs == "auto":
+        c = auto_epochs(n_train)
+        chosen["epochs"] = c.value
+        reasons += [] if cfg.train.max_steps else [c.reason]
+    train = cfg.train.model_copy(update=chosen)
+    return cfg.model_copy(update={"train": train}), reasons
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
@@ -183,7 +204,7 @@ def make_trainer(run: Run, steps: int) -> Trainer:
         objective=objective_for(run.cfg), switches=run.switches, device=hw.device,
         pad_id=run.loaded.tokenizer.pad_token_id, packing=run.cfg.data.packing,
         group_by_length=run.cfg.data.group_by_length, max_grad_norm=tcfg.max_grad_norm,
-        micro=tcfg.micro_batch_size)
+        micro=tcfg.micro_batch_size, total_steps=steps)
 
 
 # ---------------------------------------------------------------- the run
@@ -198,6 +219,7 @@ class History:
     tokens: int = 0
     train_s: float = 0.0
     best: Best = field(default_factory=Best)  # the lowest validation loss, its step, validations since
+    val_s: float = 0.0  # seconds the last validation took
     kept: list[Record] = field(default_factory=list)  # a resumed run's earlier records
 
     def add(self, out: StepOutcome) -> None:
@@ -216,14 +238,18 @@ def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -
 
 def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
     wall0, cfg = time.perf_counter(), run.cfg
-    steps = total_steps(cfg, len(run.train_set))
+    state = load_state(resume) if resume is not None else None
+    steps = state.total_steps if state and state.total_steps else total_steps(cfg, len(run.train_set))
     tr, hist, saver = make_trainer(run, steps), History(), Saver.for_run(run)
-    state = restore(run, tr, saver, resume, accept_changes, hist) if resume is not None else None
+    if state is not None:
+        restore(run, tr, saver, resume, state, accept_changes, hist)
     start = state.step if state else 0
     samples = step_samples(run, start)
     with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps)) as mon, \
             GracefulStop() as stop:
         forgetting = begin(run, tr, mon, hist, state, resume)
+        if state is None and cfg.train.time_budget:
+            steps, samples = within_budget(run, tr, mon, hist, samples, wall0)
         guard, ended = NonFiniteGuard(last_checkpoint=run.dir.latest_checkpoint), steps
         for step in range(start + 1, steps + 1):
             tr.step = step
@@ -329,15 +355,17 @@ def train_record(run: Run, tr: Trainer, out: StepOutcome) -> TrainRecord:
 
 def validate(run: Run, tr: Trainer, mon: Monitor, hist: History) -> bool:
     """Mean loss per target token on the validation set, recorded at the current step; True at a new best."""
+    t0 = time.perf_counter()
     v, n = mean_target_loss(run.model, run.val_set, tr.micro, tr.pad_id, tr.device, tr.packing)
+    hist.val_s = time.perf_counter() - t0
     hist.val_losses.append((tr.step, v))
     mon.eval(tr.step, v, n)
     return hist.best.update(tr.step, v)
 
 
-def restore(run: Run, tr: Trainer, saver: Saver, point: Path, accept_changes: bool, hist: History) -> TrainState:
+def restore(run: Run, tr: Trainer, saver: Saver, point: Path, state: TrainState, accept_changes: bool,
+            hist: History) -> None:
     """Put a checkpoint's adapter, optimizer, schedule, loss scale and history back (RNG: in `begin`)."""
-    state = load_state(point)
     check_compatible(state, run.cfg, point, accept_changes, data_now=saver.fingerprints["data_fingerprint"])
     load_adapter_weights(run.model, point)
     tr.optimizer.load_state_dict(state.optimizer)
@@ -348,7 +376,22 @@ def restore(run: Run, tr: Trainer, saver: Saver, point: Path, accept_changes: bo
     hist.train_losses += [r.loss for r in records_of(kept, TrainRecord)]
     hist.val_losses += [(r.step, r.val_loss) for r in records_of(kept, EvalRecord)]
     hist.best, hist.kept = Best.of(kept), kept
-    return state
+
+
+def within_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, samples: Iterator[list[Example]],
+                  wall0: float) -> tuple[int, Iterator[list[Example]]]:
+    """Time the first steps, fix the step count that ends within train.time_budget, and schedule to it."""
+    tcfg, wish = run.cfg.train, tr.total_steps
+    head, samples = first_steps(samples)
+    step_s = time_steps(tr, head, mon)
+    budget = parse_duration(tcfg.time_budget)
+    steps = fit_steps(budget, time.perf_counter() - wall0, step_s, wish, hist.val_s, tcfg.eval_every)
+    tr.total_steps, tr.scheduler = steps, make_scheduler(tr.optimizer, tcfg, steps)
+    mon.retarget(steps)
+    mon.event(f"time budget {tcfg.time_budget}: a step takes {step_s:.2f} s (measured), so {steps} steps fit "
+              f"(the data asks for {wish}); the schedule ends at step {steps}", name="time_budget",
+              steps=steps, wish=wish, step_s=step_s, budget_s=budget)
+    return steps, samples
 
 
 def begin(run: Run, tr: Trainer, mon: Monitor, hist: History, state: TrainState | None,
@@ -389,6 +432,8 @@ def forgetting_watch(run: Run, mon: Monitor, kept: list[Record]) -> ForgettingWa
 def announce(run: Run, mon: Monitor, device: torch.device) -> None:
     """Log what a new run should know before its first step."""
     stats, tcfg = run.data_stats, run.cfg.train
+    for reason in run.chosen:  # printed by setup already
+        mon.event(reason, name="auto_setting", show=False)
     if run.fit_note:  # printed by setup already
         mon.event(run.fit_note, name="memory_fit", show=False, micro_batch_size=tcfg.micro_batch_size,
                   grad_accum=tcfg.grad_accum, gradient_checkpointing=tcfg.gradient_checkpointing)
@@ -430,7 +475,7 @@ class Saver:
         """A resumable checkpoint after step `tr.step`; older ones beyond checkpoint.keep_last are deleted."""
         state = TrainState(step=tr.step, micro_batch_size=tr.micro, optimizer=tr.optimizer.state_dict(),
                            scheduler=tr.scheduler.state_dict(), scaler=tr.scaler.state_dict(), rng=capture_rng(),
-                           **self.fingerprints)
+                           total_steps=tr.total_steps, **self.fingerprints)
         out = save_checkpoint(self.run.model, self.run.loaded.tokenizer, self.run.dir.checkpoint(tr.step),
                               base_path=self.run.loaded.base_path, meta={**self.meta, "step": tr.step}, state=state)
         self.run.dir.prune_checkpoints(self.run.cfg.checkpoint.keep_last)

@@ -4,6 +4,7 @@ diagnostics (runs/diagnostics.py) read each step and validation record as it is 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,14 @@ class Monitor:
         if self._progress is not None:
             self._progress.__exit__(None, None, None)
         self._writer.close()
+
+    def retarget(self, total_steps: int) -> None:
+        """The run's step count changed before its first step (train.time_budget fixed it)."""
+        self.total_steps = total_steps
+        if self.diagnostics is not None:
+            self.diagnostics.limits = replace(self.diagnostics.limits, total_steps=total_steps)
+        if self._progress is not None:
+            self._progress.update(self._task, total=total_steps)
 
     def write(self, record: Record) -> Record:
         """Stamp a record with the time since the start and append it (flushed at once)."""

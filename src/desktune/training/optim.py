@@ -13,6 +13,8 @@ from desktune.config import TrainConfig
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> Any:
     """AdamW (torch), or bitsandbytes 8-bit / paged AdamW; paged falls back to unpaged off CUDA."""
     params = [p for p in params if p.requires_grad]
+    if not isinstance(cfg.lr, float | int):
+        raise ValueError(f"train.lr must be resolved before the optimizer is made (got {cfg.lr!r})")
     kw = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 
@@ -18,11 +18,13 @@ class TrainState:
     rng: dict[str, Any]  # every generator a step draws from (training/resume.capture_rng)
     config_fingerprint: dict[str, Any]  # the resolved config, less the keys a resume may change
     data_fingerprint: dict[str, str]  # sha256 of each data file
+    total_steps: int | None = None  # the run's optimizer steps (fixed by train.time_budget; older states: None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainState:
-        """The state of a saved mapping (KeyError names a missing field)."""
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        """The state of a saved mapping (KeyError names a missing field; fields added later may be absent)."""
+        return cls(**{f.name: raw[f.name] if f.default is MISSING or f.name in raw else f.default
+                      for f in fields(cls)})

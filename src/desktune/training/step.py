@@ -45,6 +45,7 @@ class Trainer:
     max_grad_norm: float | None
     micro: int  # samples per micro-batch: halved by OOM recovery, the samples per step never change
     step: int = 0  # the optimizer step being computed (1-based)
+    total_steps: int = 0  # the run's optimizer steps (the schedule ends there)
 
 
 class Verdict(Enum):

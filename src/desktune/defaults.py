@@ -1,0 +1,55 @@
+"""Settings the tool chooses when the config says `auto`: the learning rate from the base's size and the method,
+the passes over the data from its size, and the step count that fits a time budget. Rules, written down here
+once (docs/defaults.md gives their sources); each choice comes with the reason printed at the start of a run.
+Torch-free: the plan stage of the chain, used by the training loop's setup.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LR_REFERENCE = (8e9, 2e-4)  # LoRA on 7-8B models: practice settled around 1e-4 to 2e-4 (QLoRA paper, TRL, Unsloth)
+LR_SIZE_EXPONENT = 0.35  # smaller models take higher LoRA rates: 135M -> ~8e-4 (LoRA Without Regret, 2025)
+EPOCH_SAMPLES = 1200  # auto epochs aim to show the model about this many samples: small sets get more passes
+MAX_AUTO_EPOCHS = 10  # ... but never more than this many passes over the same rows
+TIMING_STEPS = 2  # optimizer steps timed before a time-budgeted run fixes its step count
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A value the tool chose, and why (printed and recorded at the start of a run)."""
+
+    value: float
+    reason: str
+
+
+def typical_lora_lr(n_params: int, r: int = 16, rslora: bool = False) -> float:
+    """The LoRA learning rate practice uses for a base of `n_params` parameters (a rule, not a measurement).
+
+    LoRA, QLoRA and DoRA share it; rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r, sqrt(r) times
+    more, so its rate is sqrt(r) times lower for the same step in the weights.
+    """
+    size, lr = LR_REFERENCE
+    return lr * (size / max(n_params, 1)) ** LR_SIZE_EXPONENT / (math.sqrt(r) if rslora else 1.0)
+
+
+def auto_lr(n_params: int, r: int, rslora: bool, method: str) -> Choice:
+    """train.lr: auto."""
+    lr = float(f"{typical_lora_lr(n_params, r, rslora):.1e}")
+    scale = " with rsLoRA's alpha/sqrt(r) scaling" if rslora else ""
+    return Choice(lr, f"train.lr auto = {lr:.1e}: {method}{scale} on a {n_params / 1e6:,.0f}M-parameter base "
+                      f"(2e-4 at 8B, times (8B / size)^{LR_SIZE_EXPONENT}; docs/defaults.md)")
+
+
+def auto_epochs(n_samples: int) -> Choice:
+    """train.epochs: auto."""
+    epochs = float(min(MAX_AUTO_EPOCHS, max(1, math.ceil(EPOCH_SAMPLES / max(n_samples, 1)))))
+    return Choice(epochs, f"train.epochs auto = {epochs:g}: {n_samples} training samples (about {EPOCH_SAMPLES} "
+                          f"samples seen, at most {MAX_AUTO_EPOCHS} passes)")
+
+
+def budget_steps(budget_s: float, spent_s: float, step_s: float, wish: int) -> int:
+    """Optimizer steps that end within `budget_s` when `spent_s` is gone and each step takes `step_s`."""
+    fits = int((budget_s - spent_s) / max(step_s, 1e-9))
+    return max(1, min(wish, fits))

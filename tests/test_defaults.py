@@ -1,0 +1,120 @@
+"""Settings the tool chooses (`auto` learning rate and epochs) and train.time_budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from desktune.config import load_config, parse_duration
+from desktune.defaults import auto_epochs, budget_steps, typical_lora_lr
+from desktune.errors import DesktuneError
+from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
+from desktune.training.budget import fit_steps
+from desktune.training.loop import fit, setup, train
+from tests.tiny import inject_fault, tiny_config
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("6m", 360), ("2h", 7200), ("1h30m", 5400),
+                                               ("1.5m", 90), ("45", 45), ("10 min", 600)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["6 minutes", "abc", "0s", "5d", ""])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_a_bad_budget_names_the_field():
+    with pytest.raises(DesktuneError, match=r"train\.time_budget"):
+        load_config({"data": {"train": "x"}}, ["train.time_budget=6x"])
+
+
+def test_auto_epochs_give_small_sets_more_passes():
+    assert [auto_epochs(n).value for n in (50, 480, 1200, 50_000)] == [10, 3, 1, 1]
+
+
+def test_budget_steps_cap_at_the_wish():
+    assert budget_steps(60, 10, 1.0, 1000) == 50 and budget_steps(60, 10, 1.0, 20) == 20
+    assert budget_steps(60, 70, 1.0, 20) == 1
+
+
+def test_defaults_are_auto_and_all_linear():
+    cfg = load_config({"data": {"train": "x"}})
+    assert (cfg.train.lr, cfg.train.epochs, cfg.lora.target_modules) == ("auto", "auto", "all-linear")
+
+
+def _events(run_dir, name):
+    return [e for e in records_of(read_records(RunDir(run_dir).metrics), EventRecord) if e.name == name]
+
+
+def test_auto_values_are_chosen_said_and_saved(tiny_model_dir, tmp_path):
+    raw = tiny_config(tiny_model_dir, tmp_path, train={"lr": "auto", "max_steps": None, "epochs": "auto"})
+    result = train(load_config(raw), quiet=True)
+    said = [e.message for e in _events(result.run_dir, "auto_setting")]
+    assert any(m.startswith("train.lr auto =") for m in said) and any("train.epochs auto = 10" in m for m in said)
+    saved = load_config(RunDir(result.run_dir).config)
+    base = result.trainable.total - result.trainable.trainable
+    expected = float(f"{typical_lora_lr(base):.1e}")
+    assert saved.train.lr == expected and saved.train.epochs == 10  # the resolved config, not 'auto'
+    assert records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)[0].lr == pytest.approx(expected)
+    assert result.steps == 10 * 19 // 4 + 1  # 19 training samples x 10 epochs / 4 per step, rounded up
+
+
+def test_explicit_values_win(tiny_model_dir, tmp_path):
+    result = train(load_config(tiny_config(tiny_model_dir, tmp_path)), quiet=True)  # lr 1e-2, max_steps 4
+    assert _events(result.run_dir, "auto_setting") == []
+    assert records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)[0].lr == pytest.approx(1e-2)
+
+
+def _budget_cfg(tiny_model_dir, tmp_path, name, every=2):
+    raw = tiny_config(tiny_model_dir, tmp_path, run_name=name, lora={"dropout": 0.1},
+                      train={"max_steps": 100_000, "time_budget": "4s", "warmup_ratio": 0.1},
+                      checkpoint={"every": every})
+    return load_config(raw)
+
+
+def test_time_budget_fixes_the_steps_and_the_schedule_ends(tiny_model_dir, tmp_path):
+    result = train(_budget_cfg(tiny_model_dir, tmp_path, "b", every=None), quiet=True)
+    (event,) = _events(result.run_dir, "time_budget")
+    steps = event.data["steps"]
+    assert 2 < steps < 100_000 and result.steps == steps
+    lrs = [r.lr for r in records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)]
+    assert len(lrs) == steps and lrs[-1] < 0.01 * max(lrs)  # the cosine schedule ran to its end
+    print(f"budget 4 s: {steps} steps, optimizer steps {result.train_s:.2f} s, training {result.wall_s:.2f} s")
+    # fit() from its start to the final adapter: within the budget but for the estimate's error on a loaded
+    # machine (a timing, so only a loose bound here; the step arithmetic is checked exactly below)
+    assert result.wall_s < 4.0 * 1.5
+
+
+def test_fit_steps_leaves_room_for_validations():
+    assert fit_steps(100, 10, 1.0, 10_000, 0.0, None) == int(90 / 1.05)
+    steps = fit_steps(100, 10, 1.0, 10_000, 2.0, 10)  # a 2 s validation every 10 steps and one at the end
+    assert 10 + steps * 1.05 + 2.0 * (1 + (steps - 1) // 10) <= 100 < 10 + (steps + 1) * 1.05 + 2.0 * (
+        1 + steps // 10)
+    assert fit_steps(100, 10, 1.0, 20, 2.0, 10) == 20  # the data's wish caps it
+
+
+def test_a_budgeted_run_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = _budget_cfg(tiny_model_dir, tmp_path, "crash")
+    run = setup(cfg, quiet=True)
+
+    def crash(step: int, micro: int) -> None:
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    inject_fault(monkeypatch, crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(run)
+    monkeypatch.undo()
+    steps = _events(run.run_dir, "time_budget")[0].data["steps"]
+    resumed = train(cfg, quiet=True, resume=True)
+    assert resumed.steps == steps and len(_events(run.run_dir, "time_budget")) == 1  # not timed again
+    # the timed steps changed nothing: the same run without a budget, at that length, gives the same adapter
+    plain = train(load_config(tiny_config(tiny_model_dir, tmp_path, run_name="plain", lora={"dropout": 0.1},
+                                          train={"max_steps": steps, "warmup_ratio": 0.1})), quiet=True)
+    a = load_file(str(RunDir(resumed.run_dir).adapter / "adapter_model.safetensors"))
+    b = load_file(str(RunDir(plain.run_dir).adapter / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
