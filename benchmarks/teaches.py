@@ -161,7 +161,8 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
     rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines()]
     args = SFTConfig(output_dir=spec["out"], per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                     learning_rate=2e-4, num_train_epochs=100, lr_scheduler_type="linear", warmup_ratio=0.03,
+                     learning_rate=2e-4, max_steps=spec["max_steps"], lr_scheduler_type="linear",
+                     warmup_steps=max(1, round(0.03 * spec["max_steps"])),
                      logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,
                      bf16=dtype == torch.bfloat16, seed=SEED, max_length=256)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
@@ -186,9 +187,12 @@ def trl_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "steps": trainer.state.global_step, "quant": "none"}
 
 
-def trl_system(train_file: Path, work: Path, seconds: float, model_dir: str, dtype: str) -> dict[str, Any]:
+def trl_system(train_file: Path, work: Path, seconds: float, steps: int, model_dir: str, dtype: str
+               ) -> dict[str, Any]:
+    """(b) in its own process: scheduled for `steps` (what the seed settings fit in the budget), stopped after
+    `seconds` of training loop (what (a) trained)."""
     spec = {"train_file": str(train_file), "out": str(work / "trl"), "seconds": seconds, "model_dir": model_dir,
-            "dtype": dtype}
+            "dtype": dtype, "max_steps": steps}
     spec_file = work / "trl.json"
     spec_file.write_text(json.dumps(spec))
     subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], check=True)
@@ -227,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         out = trl_worker(spec)
         Path(args.worker).with_name("trl.out.json").write_text(json.dumps(out))
         return 0
+    from desktune.config import parse_duration
     from desktune.hardware import detect
     from desktune.models.loading import resolve_source
 
@@ -248,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if "d" in systems:
         runs["d"] = desktune_system("d", train_file, work, args.budget, ["model.quant=nf4"])
     if "b" in systems:
-        seconds = runs["a"]["train_s"] if "a" in runs else 360.0
-        runs["b"] = trl_system(train_file, work, seconds, resolve_source("smollm2-135m-instruct"), dtype)
+        seconds = runs["a"]["train_s"] if "a" in runs else parse_duration(args.budget)
+        steps = runs["c"]["steps"] if "c" in runs else 1000
+        runs["b"] = trl_system(train_file, work, seconds, steps, resolve_source("smollm2-135m-instruct"), dtype)
     acc = {k: score(replies_of(r["adapter"], r["quant"], [q for q, _ in held]), held, args.task)
            for k, r in runs.items()}
     forget = {k: forgetting_pct(runs[k]["adapter"]) for k in ("a", "c") if k in runs}

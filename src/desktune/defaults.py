@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 LR_REFERENCE = (8e9, 2e-4)  # LoRA on 7-8B models: practice settled around 1e-4 to 2e-4 (QLoRA paper, TRL, Unsloth)
-LR_SIZE_EXPONENT = 0.35  # smaller models take higher LoRA rates: 135M -> ~8e-4 (LoRA Without Regret, 2025)
+LR_SIZE_EXPONENT = 0.5  # smaller models take higher LoRA rates: 135M -> 1.5e-3, 65B -> 7e-5 (see docs/defaults.md)
 EPOCH_SAMPLES = 1200  # auto epochs aim to show the model about this many samples: small sets get more passes
 MAX_AUTO_EPOCHS = 10  # ... but never more than this many passes over the same rows
 TIMING_STEPS = 2  # optimizer steps timed before a time-budgeted run fixes its step count
