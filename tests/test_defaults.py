@@ -12,7 +12,7 @@ from desktune.errors import DesktuneError
 from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
 from desktune.training.budget import fit_steps
 from desktune.training.loop import fit, setup, train
-from tests.tiny import inject_fault, tiny_config
+from tests.tiny import crash_at, tiny_config
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("6m", 360), ("2h", 7200), ("1h30m", 5400),
@@ -101,11 +101,7 @@ def test_a_budgeted_run_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
     cfg = _budget_cfg(tiny_model_dir, tmp_path, "crash")
     run = setup(cfg, quiet=True)
 
-    def crash(step: int, micro: int) -> None:
-        if step == 5:
-            raise RuntimeError("power cut")
-
-    inject_fault(monkeypatch, crash)
+    crash_at(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="power cut"):
         fit(run)
     monkeypatch.undo()

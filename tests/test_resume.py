@@ -15,7 +15,7 @@ from desktune.scoring import score as objectives  # where the loss of a batch is
 from desktune.training import checkpoint as ckpt_mod
 from desktune.training.loop import fit, setup, train
 from desktune.training.signals import TrainingInterrupted
-from tests.tiny import inject_fault, tiny_config
+from tests.tiny import crash_at, inject_fault, tiny_config
 
 STEPS = 6
 
@@ -60,11 +60,7 @@ def test_crash_then_resume_is_bit_identical(tiny_model_dir, tmp_path, reference,
     cfg = _cfg(tiny_model_dir, tmp_path, "crash")
     run = setup(cfg, quiet=True)
 
-    def crash(step: int, micro: int) -> None:
-        if step == 5:
-            raise RuntimeError("power cut")
-
-    inject_fault(monkeypatch, crash)
+    crash_at(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="power cut"):
         fit(run)
     monkeypatch.undo()

@@ -105,3 +105,13 @@ def inject_fault(monkeypatch, fault) -> None:
         return real(tr, batch, normaliser)
 
     monkeypatch.setattr(step_mod, "forward_backward", with_fault)
+
+
+def crash_at(monkeypatch, at_step: int) -> None:
+    """A 'power cut' (RuntimeError) when the loop reaches optimizer step `at_step`."""
+
+    def crash(step: int, micro: int) -> None:
+        if step == at_step:
+            raise RuntimeError("power cut")
+
+    inject_fault(monkeypatch, crash)
