@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="6m")
     ap.add_argument("--systems", default="a,b,c,d")
     ap.add_argument("--task", default="facts", choices=["facts", "persona"])
+    ap.add_argument("-o", dest="overrides", action="append", default=[],
+                    help="an override for (a) and (d) (explorations: -o train.lr=3e-3); the RESULT then is not the bar")
     ap.add_argument("--worker")
     args = ap.parse_args(argv)
     if args.worker:
@@ -247,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     systems = args.systems.split(",")
     runs: dict[str, dict[str, Any]] = {}
     if "a" in systems:
-        runs["a"] = desktune_system("a", train_file, work, args.budget, [])
+        runs["a"] = desktune_system("a", train_file, work, args.budget, args.overrides)
     if "c" in systems:
         runs["c"] = desktune_system("c", train_file, work, args.budget, [*SEED_SETTINGS, "train.epochs=100"])
     if "d" in systems:
-        runs["d"] = desktune_system("d", train_file, work, args.budget, ["model.quant=nf4"])
+        runs["d"] = desktune_system("d", train_file, work, args.budget, [*args.overrides, "model.quant=nf4"])
     if "b" in systems:
         seconds = runs["a"]["train_s"] if "a" in runs else parse_duration(args.budget)
         steps = runs["c"]["steps"] if "c" in runs else 1000
