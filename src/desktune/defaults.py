@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from desktune.config import RunConfig
+
 LR_REFERENCE = (8e9, 2e-4)  # LoRA on 7-8B models: practice settled around 1e-4 to 2e-4 (QLoRA paper, TRL, Unsloth)
 LR_SIZE_EXPONENT = 0.5  # smaller models take higher LoRA rates: 135M -> 1.5e-3, 65B -> 7e-5 (see docs/defaults.md)
 EPOCH_SAMPLES = 1200  # auto epochs aim to show the model about this many samples: small sets get more passes
@@ -24,6 +26,13 @@ class Choice:
     reason: str
 
 
+def method_name(cfg: RunConfig) -> str:
+    """The adapter method a run trains, as messages name it."""
+    if cfg.lora.use_rslora:
+        return "rsLoRA"
+    return "DoRA" if cfg.lora.use_dora else "QLoRA" if cfg.model.quant == "nf4" else "LoRA"
+
+
 def typical_lora_lr(n_params: int, r: int = 16, rslora: bool = False) -> float:
     """The LoRA learning rate practice uses for a base of `n_params` parameters (a rule, not a measurement).
 
@@ -37,7 +46,7 @@ def typical_lora_lr(n_params: int, r: int = 16, rslora: bool = False) -> float:
 def auto_lr(n_params: int, r: int, rslora: bool, method: str) -> Choice:
     """train.lr: auto."""
     lr = float(f"{typical_lora_lr(n_params, r, rslora):.1e}")
-    scale = " with rsLoRA's alpha/sqrt(r) scaling" if rslora else ""
+    scale = " (alpha/sqrt(r) scaling)" if rslora else ""
     return Choice(lr, f"train.lr auto = {lr:.1e}: {method}{scale} on a {n_params / 1e6:,.0f}M-parameter base "
                       f"(2e-4 at 8B, times (8B / size)^{LR_SIZE_EXPONENT}; docs/defaults.md)")
 

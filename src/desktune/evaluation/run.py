@@ -6,7 +6,6 @@ Scoring is the loop's own (scoring/): the held-out number is the validation loss
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import time
@@ -16,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
-from desktune.adapters import load_adapter
+from desktune.adapters import load_adapter, read_adapter_config
 from desktune.config import DataConfig, RunConfig, load_config
 from desktune.constants import EMBEDDED_MODEL
 from desktune.data import Example, build_datasets, convert_rows, encode_samples, read_rows, resolve_chat_template
@@ -29,12 +27,13 @@ from desktune.hardware import detect
 from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
 from desktune.runs import RunDir
-from desktune.runs.layout import ADAPTER_CONFIG, CHAT_TEMPLATE
+from desktune.runs.layout import CHAT_TEMPLATE
 from desktune.scoring.divergence import divergence
-from desktune.scoring.forgetting import base_only, probe, reference_set
+from desktune.scoring.forgetting import base_only, load_variant, probe, reference_set
 from desktune.scoring.generate import ANSWER_REPETITION_PENALTY, replies
 from desktune.scoring.reference import Reference, builtin_probe, builtin_reference, read_reference
 from desktune.scoring.score import mean_target_loss
+from desktune.training.step import free_memory
 
 
 @dataclass
@@ -72,7 +71,7 @@ def run_config(req: EvalRequest) -> tuple[RunConfig, Path | None]:
                             fix="pass a run folder, or --adapter and --data (and --model for another base)")
     name = req.model
     if name is None and req.adapter is not None:
-        name = json.loads((Path(req.adapter) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        name = read_adapter_config(req.adapter).get("base_model_name_or_path")
     cfg = RunConfig(data=DataConfig(train=req.data or ""), model={"name": name or EMBEDDED_MODEL})
     return cfg, req.adapter
 
@@ -119,8 +118,8 @@ def base_score(loaded: LoadedModel, examples: list[Example], cfg: RunConfig) -> 
 
 
 def variant(loaded: LoadedModel, cfg: RunConfig) -> str:
-    """How the base was loaded (its answers differ by quantization and precision)."""
-    return f"{cfg.model.quant}:{str(loaded.hardware.dtype)[6:]}"
+    """How the base was loaded (the key its cached answers are kept under)."""
+    return load_variant(cfg.model.quant, loaded.hardware.dtype)
 
 
 def forgetting(loaded: LoadedModel, cfg: RunConfig, req: EvalRequest) -> Forgetting:
@@ -204,7 +203,7 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> EvalResult:
             result.answers = answers(loaded, prompts)
     device = loaded.hardware.device
     del loaded  # the second load (4-bit or 16-bit) needs the memory
-    free(device)
+    free_memory(device)
     if req.nf4:
         with phase(result, "nf4", console, "scoring the base loaded the other way (16-bit / 4-bit NF4)"):
             pair = quant_pair(cfg, req, examples, result.base)
@@ -227,10 +226,3 @@ def output_path(req: EvalRequest) -> Path:
         if owner.metrics.is_file():  # runs/<run>/adapter or runs/<run>/best
             return owner.eval
     return RunDir(Path.cwd()).eval
-
-
-def free(device: torch.device) -> None:
-    """Give memory back between the two loads."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -71,6 +71,11 @@ def answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int)
         model.train(was_training)
 
 
+def load_variant(quant: str, dtype: Any) -> str:
+    """How a base was loaded ('nf4:bfloat16'): its answers differ by quantization and precision."""
+    return f"{quant}:{str(dtype).removeprefix('torch.')}"
+
+
 def base_key(kind: str, base_path: str, variant: str, tokenizer: Any, prompts: list[str], tokens: int) -> list[Any]:
     """What the base's answers depend on: the model's files, how it was loaded, the template, prompts, length."""
     return [kind, model_fingerprint(base_path), variant, tokenizer.chat_template, prompts, tokens]

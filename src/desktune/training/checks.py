@@ -7,7 +7,7 @@ from typing import Any
 
 from desktune.config import RunConfig
 from desktune.data import Example
-from desktune.defaults import typical_lora_lr
+from desktune.defaults import method_name, typical_lora_lr
 from desktune.runs.diagnostics import Finding
 
 LR_BELOW, LR_ABOVE = 20.0, 10.0  # outside [typical / 20, typical x 10] a run barely moves or diverges
@@ -22,8 +22,7 @@ def lr_finding(cfg: RunConfig, n_params: int) -> Finding | None:
         return None
     side = "low" if lr < low else "high"
     effect = "the adapter will barely learn" if side == "low" else "the loss is likely to diverge"
-    method = "rsLoRA" if cfg.lora.use_rslora else "DoRA" if cfg.lora.use_dora else \
-        "QLoRA" if cfg.model.quant == "nf4" else "LoRA"
+    method = method_name(cfg)
     return Finding("lr_out_of_range", 0, f"train.lr={lr:.1e} is unusually {side} for {method} on a "
                    f"{n_params / 1e6:.0f}M-parameter base (usual {low:.0e} to {high:.0e}, typical {typical:.0e}): "
                    f"{effect} - set train.lr near {typical:.0e}.",

@@ -24,7 +24,7 @@ from desktune.adapters import TrainableReport, attach_lora, trainable_report
 from desktune.config import RunConfig, dump_config, parse_duration, parse_size
 from desktune.constants import VERSION
 from desktune.data import Example, build_datasets, example_stream, resolve_chat_template
-from desktune.defaults import auto_epochs, auto_lr
+from desktune.defaults import auto_epochs, auto_lr, method_name
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, detect, free_memory, memory_in_use, memory_telemetry, set_threads
 from desktune.memory.budget import fit_to_budget
@@ -42,7 +42,7 @@ from desktune.runs import (
     truncate_records,
 )
 from desktune.runs.diagnostics import Diagnostics, Finding, Limits
-from desktune.scoring.forgetting import reference_set
+from desktune.scoring.forgetting import load_variant, reference_set
 from desktune.scoring.reference import builtin_reference
 from desktune.scoring.score import mean_target_loss
 from desktune.training.budget import first_steps, fit_steps, time_steps
@@ -174,8 +174,7 @@ def resolve_auto(cfg: RunConfig, base_params: int, n_train: int) -> tuple[RunCon
     chosen: dict[str, float] = {}
     reasons = []
     if cfg.train.lr == "auto":
-        method = "DoRA" if cfg.lora.use_dora else "QLoRA" if cfg.model.quant == "nf4" else "LoRA"
-        c = auto_lr(base_params, cfg.lora.r, cfg.lora.use_rslora, method)
+        c = auto_lr(base_params, cfg.lora.r, cfg.lora.use_rslora, method_name(cfg))
         chosen["lr"], reasons = c.value, [*reasons, c.reason]
     if cfg.train.epochs == "auto":
         c = auto_epochs(n_train)
@@ -420,7 +419,7 @@ def forgetting_watch(run: Run, mon: Monitor, kept: list[Record]) -> ForgettingWa
         return None
     t0, loaded = time.perf_counter(), run.loaded
     ref = reference_set(run.model, loaded.tokenizer, builtin_reference(), base_path=loaded.base_path,
-                        variant=f"{run.cfg.model.quant}:{str(loaded.hardware.dtype)[6:]}",
+                        variant=load_variant(run.cfg.model.quant, loaded.hardware.dtype),
                         max_seq_len=run.cfg.data.max_seq_len, cache=cache_dir() / "reference")
     how = "from the cache" if ref.cached else "generated now, cached for later runs"
     mon.event(f"forgetting reference: {ref.name}, the base's answers {how} ({time.perf_counter() - t0:.0f} s)",
