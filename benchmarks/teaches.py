@@ -129,7 +129,7 @@ def score(replies: list[str], held: list[tuple[str, str]], task: str) -> float:
 
 SEED_SETTINGS = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.05",
                  "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", "train.lr=2e-4", "train.micro_batch_size=2",
-                 "train.grad_accum=4", "train.warmup_ratio=0.03"]
+                 "train.grad_accum=4", "train.warmup_ratio=0.03", "data.replay=0"]
 
 
 def desktune_system(name: str, train_file: Path, work: Path, budget: str, extra: list[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "src" / "desktune" / "scoring" / "reference"
 PROMPTS = REFERENCE / "general_prompts.jsonl"
 PROBE = REFERENCE / "knowledge_probe.jsonl"
+REPLAY = REFERENCE / "replay_prompts.jsonl"
 PACKAGE_GLOB = "src/desktune/scoring/reference/*.jsonl"
 
 CATEGORIES = {"everyday", "instruction", "reasoning", "writing", "knowledge", "advice", "explanation", "coding"}
@@ -106,6 +107,33 @@ def test_every_category_is_balanced(prompts):
     assert min(counts.values()) >= MIN_PER_CATEGORY, counts
 
 
+# ---- replay prompts (training data: never the prompts forgetting is measured on) ----
+
+# above this word overlap a replay prompt would be an evaluation prompt reworded
+REPLAY_OVERLAP_JACCARD = 0.55
+
+
+@pytest.fixture(scope="module")
+def replay() -> list[dict]:
+    return _rows(REPLAY)
+
+
+def test_replay_rows_are_well_formed(replay):
+    assert len(replay) == 128
+    _assert_consecutive_ids(replay, "r")
+    _assert_unique(replay, "prompt")
+    for row in replay:
+        assert set(row) == {"id", "category", "prompt"} and row["category"] in CATEGORIES, row
+
+
+def test_replay_prompts_are_not_the_evaluation_prompts(replay, prompts, probe):
+    held = [_words(r["prompt"]) for r in prompts] + [_words(q["question"]) for q in probe]
+    for row in replay:
+        mine = _words(row["prompt"])
+        worst = max(len(mine & h) / len(mine | h) for h in held)
+        assert worst <= REPLAY_OVERLAP_JACCARD, f"{row['id']} rewords an evaluation prompt ({worst:.2f})"
+
+
 # ---- knowledge probe ----
 
 def test_question_count(probe):
@@ -147,11 +175,11 @@ def test_pyproject_ships_the_reference_files():
 
         build = tomllib.loads(text)["tool"]["hatch"]["build"]
         assert PACKAGE_GLOB in build.get("artifacts", []), "the glob must sit in [tool.hatch.build] artifacts"
-    for path in (PROMPTS, PROBE):
+    for path in (PROMPTS, PROBE, REPLAY):
         assert path.match(PACKAGE_GLOB), path
 
 
-@pytest.mark.parametrize("name", ["general_prompts.jsonl", "knowledge_probe.jsonl"])
+@pytest.mark.parametrize("name", ["general_prompts.jsonl", "knowledge_probe.jsonl", "replay_prompts.jsonl"])
 def test_reference_files_are_package_resources(name):
     resource = resources.files("desktune.scoring") / "reference" / name
     assert resource.is_file()

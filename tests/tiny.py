@@ -81,7 +81,7 @@ def tiny_config(model_dir: Path, tmp_path: Path, **sections: dict) -> dict:
     cfg = {
         "model": {"name": str(model_dir), "dtype": "fp32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": str(data), "val_fraction": 0.2, "max_seq_len": 64},
+        "data": {"train": str(data), "val_fraction": 0.2, "max_seq_len": 64, "replay": 0},
         "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_ratio": 0.0,
                   "threads": 1},
         "output_dir": str(tmp_path / "runs"),

@@ -49,7 +49,8 @@ class LoraConfig(_Strict):
 
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input (0: none; on a CPU "
+                           "its random masks cost about a third of a LoRA step, measured).")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' (the default) for every linear layer but "
         "the output head: LoRA learns most when it adapts the MLP too.",
@@ -77,6 +78,12 @@ class DataConfig(_Strict):
     group_by_length: bool = Field(
         True, description="Unpacked: sort each step's samples by length before splitting it, to pad less."
     )
+    replay: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = Field(
+        "auto", description="Share of training samples that replay the base's own answers to general prompts, "
+        "to keep its general behaviour; auto: 0.1 for chat data, 0 for plain text; 0: off.")
+    replay_prompts: str | None = Field(
+        None, description="Prompts to replay instead of the built-in 128: a .txt file (one per line) or .jsonl "
+        "with \"prompt\" (and \"answer\" to replay given answers instead of the base's).")
 
 
 class TrainConfig(_Strict):

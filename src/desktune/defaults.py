@@ -15,6 +15,7 @@ LR_REFERENCE = (8e9, 2e-4)  # LoRA on 7-8B models: practice settled around 1e-4 
 LR_SIZE_EXPONENT = 0.5  # smaller models take higher LoRA rates: 135M -> 1.5e-3, 65B -> 7e-5 (see docs/defaults.md)
 EPOCH_SAMPLES = 1200  # auto epochs aim to show the model about this many samples: small sets get more passes
 MAX_AUTO_EPOCHS = 10  # ... but never more than this many passes over the same rows
+REPLAY_SHARE = 0.1  # auto replay for chat data: this share of training samples are the base's own general answers
 TIMING_STEPS = 2  # optimizer steps timed before a time-budgeted run fixes its step count
 
 
@@ -56,6 +57,19 @@ def auto_epochs(n_samples: int) -> Choice:
     epochs = float(min(MAX_AUTO_EPOCHS, max(1, math.ceil(EPOCH_SAMPLES / max(n_samples, 1)))))
     return Choice(epochs, f"train.epochs auto = {epochs:g}: {n_samples} training samples (about {EPOCH_SAMPLES} "
                           f"samples seen, at most {MAX_AUTO_EPOCHS} passes)")
+
+
+def auto_replay(chats: bool) -> Choice:
+    """data.replay: auto."""
+    if not chats:
+        return Choice(0.0, "data.replay auto = 0: plain-text data, no chat answers to replay")
+    return Choice(REPLAY_SHARE, f"data.replay auto = {REPLAY_SHARE:g}: that share of training samples replays the "
+                                "base's own answers to general prompts, so it keeps how it answers them")
+
+
+def replay_count(n_train: int, share: float) -> int:
+    """Replay samples to add to `n_train` training samples so that they make up `share` of the mix."""
+    return round(n_train * share / (1.0 - share)) if share > 0 else 0
 
 
 def budget_steps(budget_s: float, spent_s: float, step_s: float, wish: int) -> int:

@@ -21,6 +21,7 @@ from desktune.runs.atomic import write_text_atomically
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 GENERAL_PROMPTS = "general_prompts.jsonl"
 KNOWLEDGE_PROBE = "knowledge_probe.jsonl"
+REPLAY_PROMPTS = "replay_prompts.jsonl"  # training replay: disjoint from GENERAL_PROMPTS, which measure forgetting
 ANSWER_TOKENS = 64  # the base's greedy answer to a general prompt: a few sentences, enough to carry its style
 PROBE_TOKENS = 24  # a probe answer is a word or a number; room for a short sentence around it
 FINGERPRINT_BYTES = 1 << 20  # bytes read from each end of a weight file: changed weights change these bytes
@@ -66,6 +67,12 @@ def builtin_reference() -> Reference:
     """The built-in general prompts."""
     rows = _jsonl(REFERENCE_DIR / GENERAL_PROMPTS)
     return Reference(name=f"built-in general prompts ({len(rows)})", prompts=[r["prompt"] for _, r in rows])
+
+
+def builtin_replay() -> Reference:
+    """The built-in general prompts whose base answers a run replays (never the ones forgetting is measured on)."""
+    rows = _jsonl(REFERENCE_DIR / REPLAY_PROMPTS)
+    return Reference(name=f"built-in replay prompts ({len(rows)})", prompts=[r["prompt"] for _, r in rows])
 
 
 def builtin_probe() -> list[Question]:

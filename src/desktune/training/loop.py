@@ -24,7 +24,7 @@ from desktune.adapters import TrainableReport, attach_lora, trainable_report
 from desktune.config import RunConfig, dump_config, parse_duration, parse_size
 from desktune.constants import VERSION
 from desktune.data import Example, build_datasets, example_stream, resolve_chat_template
-from desktune.defaults import auto_epochs, auto_lr, method_name
+from desktune.defaults import auto_epochs, auto_lr, auto_replay, method_name
 from desktune.errors import DesktuneError
 from desktune.hardware import Hardware, detect, free_memory, memory_in_use, memory_telemetry, set_threads
 from desktune.memory.budget import fit_to_budget
@@ -51,6 +51,7 @@ from desktune.training.checks import before_training
 from desktune.training.monitor import Monitor
 from desktune.training.objectives import objective_for
 from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler
+from desktune.training.replay import replay_set
 from desktune.training.resume import capture_rng, check_compatible, config_fingerprint, data_fingerprint, restore_rng
 from desktune.training.signals import GracefulStop, TrainingInterrupted
 from desktune.training.speed import Switches, choose_switches, switched_on
@@ -158,7 +159,10 @@ def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quie
     model = attach_lora(loaded.model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
     report = trainable_report(model)
     train_set, val_set, stats = build_datasets(cfg.data, loaded.tokenizer, cfg.train.seed)
-    cfg, chosen = resolve_auto(cfg, report.total - report.trainable, len(train_set))
+    cfg, chosen = resolve_auto(cfg, report.total - report.trainable, len(train_set), stats.format != "text")
+    replay = replay_set(cfg, model, loaded.tokenizer, loaded.base_path, loaded.hardware.dtype, len(train_set),
+                        cache_dir() / "reference")
+    train_set, chosen = [*train_set, *replay.examples], [*chosen, *([replay.note] if replay.note else [])]
     if not quiet:
         console.print(f"base: {loaded.base_path}  quantization: {loaded.quant_backend}")
         console.print(str(report))
@@ -169,10 +173,15 @@ def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quie
                data_stats=stats, trainable=report, console=console, quiet=quiet, chosen=chosen)
 
 
-def resolve_auto(cfg: RunConfig, base_params: int, n_train: int) -> tuple[RunConfig, list[str]]:
-    """The config with `auto` values chosen (learning rate, epochs), and the reasons; explicit values win."""
+def resolve_auto(cfg: RunConfig, base_params: int, n_train: int, chats: bool) -> tuple[RunConfig, list[str]]:
+    """The config with `auto` values chosen (learning rate, epochs, replay), and the reasons; explicit values
+    win."""
     chosen: dict[str, float] = {}
     reasons = []
+    data = cfg.data
+    if data.replay == "auto":
+        c = auto_replay(chats)
+        data, reasons = data.model_copy(update={"replay": c.value}), [c.reason]
     if cfg.train.lr == "auto":
         c = auto_lr(base_params, cfg.lora.r, cfg.lora.use_rslora, method_name(cfg))
         chosen["lr"], reasons = c.value, [*reasons, c.reason]
@@ -181,7 +190,7 @@ def resolve_auto(cfg: RunConfig, base_params: int, n_train: int) -> tuple[RunCon
         chosen["epochs"] = c.value
         reasons += [] if cfg.train.max_steps else [c.reason]
     train = cfg.train.model_copy(update=chosen)
-    return cfg.model_copy(update={"train": train}), reasons
+    return cfg.model_copy(update={"train": train, "data": data}), reasons
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
