@@ -44,6 +44,7 @@ def test_budget_steps_cap_at_the_wish():
 def test_defaults_are_auto_and_all_linear():
     cfg = load_config({"data": {"train": "x"}})
     assert (cfg.train.lr, cfg.train.epochs, cfg.lora.target_modules) == ("auto", "auto", "all-linear")
+    assert (cfg.data.replay, cfg.lora.dropout) == ("auto", 0.0)
 
 
 def _events(run_dir, name):

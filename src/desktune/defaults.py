@@ -16,7 +16,7 @@ LR_SIZE_EXPONENT = 0.5  # smaller models take higher LoRA rates: 135M -> 1.5e-3,
 EPOCH_SAMPLES = 1200  # auto epochs aim to show the model about this many samples: small sets get more passes
 MAX_AUTO_EPOCHS = 10  # ... but never more than this many passes over the same rows
 REPLAY_SHARE = 0.1  # auto replay for chat data: this share of training samples are the base's own general answers
-TIMING_STEPS = 2  # optimizer steps timed before a time-budgeted run fixes its step count
+TIMING_STEPS = 4  # optimizer steps timed before a time-budgeted run fixes its step count (the first is warm-up)
 
 
 @dataclass(frozen=True)
