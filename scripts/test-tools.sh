@@ -24,7 +24,19 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 # --- node packages ----------------------------------------------------------------------------------------
-# (none yet) Node tools the tests need go here: check whether each is present first, install only what is
-# missing, pin exact versions, and keep the output quiet like the section above.
+# llama.cpp as an independent GGUF reader (tests/test_export_llamacpp.py): node-llama-cpp with its prebuilt CPU
+# binary, pinned in tests/llamacpp/package.json and its lock (npm install, not npm ci: ci refuses a lock without
+# the other platforms' optional builds). Optional packages (CUDA/Vulkan builds, ~700 MB) are left out and the
+# postinstall step (which may try to build) is not run: nothing is compiled. 85 MB, about 15 s.
+if ! command -v node >/dev/null 2>&1; then
+    echo "test-tools: installing nodejs and npm"
+    apt_install nodejs npm
+fi
+LLAMACPP=tests/llamacpp/node_modules
+if [ ! -d "$LLAMACPP/@node-llama-cpp/linux-x64" ] || [ ! -d "$LLAMACPP/node-llama-cpp/dist" ]; then
+    echo "test-tools: installing node-llama-cpp (llama.cpp prebuilt for the CPU)"
+    (cd tests/llamacpp && npm install --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
+fi
 
-echo "test-tools: ready (chromium $(/usr/bin/chromium --version 2>/dev/null | awk '{print $2}'))"
+echo "test-tools: ready (chromium $(/usr/bin/chromium --version 2>/dev/null | awk '{print $2}'), node $(node --version)," \
+     "node-llama-cpp $(node -p "require('./tests/llamacpp/node_modules/node-llama-cpp/package.json').version"))"

@@ -34,7 +34,7 @@ def test_api_functions_survive_importing_every_module():
 
     for mod in pkgutil.walk_packages(desktune.__path__, "desktune."):
         importlib.import_module(mod.name)
-    for name in ("train", "generate", "merge", "demo", "load_config"):
+    for name in ("train", "generate", "merge", "export_gguf", "demo", "load_config"):
         assert inspect.isfunction(getattr(desktune, name)), name
 
 

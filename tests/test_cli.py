@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from desktune import cli
 from tests.tiny import tiny_config
 
-VERBS = ["demo", "train", "eval", "report", "plan", "chat", "generate", "merge"]
+VERBS = ["demo", "train", "eval", "report", "plan", "chat", "generate", "merge", "serve"]
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -115,6 +115,8 @@ def test_every_verb_is_listed_in_help_and_the_module_docstring():
     commands = sorted(c.name or c.callback.__name__ for c in cli.app.registered_commands)
     assert commands == sorted(VERBS)
     assert all(verb in listed and verb in cli.__doc__ for verb in commands)
+    groups = [g.name for g in cli.app.registered_groups]  # verbs with sub-verbs: export gguf
+    assert groups == ["export"] and "export" in listed and "export" in cli.__doc__
 
 
 def test_version_comes_from_the_package_metadata(monkeypatch, capsys):

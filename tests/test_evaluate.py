@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from desktune import cli
@@ -48,6 +49,23 @@ def test_eval_reports_what_the_run_recorded(tiny_run, tmp_path):
     assert saved["tuned"]["perplexity"] == pytest.approx(result.tuned.perplexity)
     assert saved["forgetting"]["loss_increase_pct"] == pytest.approx(f.loss_increase_pct)
     assert read_result(out) == result
+
+
+def test_a_qlora_run_shows_its_adapter_on_both_bases(tiny_model_dir, tmp_path):
+    from desktune.evaluation.render import scores_table
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, model={"quant": "nf4"}, train={"max_steps": 6}, run_name="q")
+    run = train(load_config(cfg), quiet=True)
+    result = evaluate(EvalRequest(run_dir=run.run_dir, out=tmp_path / "q.json", forgetting=False))
+    assert result.nf4_base == result.base and result.bit16_base.loss != result.base.loss
+    # the adapter learned its delta on the NF4 weights: on the original 16-bit base it is another model
+    assert result.tuned_16bit is not None and result.tuned_16bit.loss != result.tuned.loss
+    assert read_result(tmp_path / "q.json") == result
+    console = Console(width=200, record=True)
+    console.print(scores_table(result))
+    assert "merge --into original" in console.export_text()
+    assert evaluate(EvalRequest(run_dir=run.run_dir, out=tmp_path / "n.json", forgetting=False,
+                                nf4=False)).tuned_16bit is None
 
 
 def test_second_eval_reuses_the_base_answers(tiny_run, tmp_path):

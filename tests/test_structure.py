@@ -97,7 +97,7 @@ def test_no_module_imports_the_package_root():
 
 # the chain, in order; a module may import its own layer, the ones before it, and the foundations
 CHAIN = ["config", "hardware", "memory", "defaults", "models", "adapters", "data", "scoring", "training", "evaluation",
-         "inference", "export", "reporting"]
+         "inference", "export", "serving", "reporting"]
 FOUNDATIONS = {"errors", "constants", "units", "runs"}
 FACES = {"cli", "demo_run", "__init__"}
 

@@ -115,3 +115,18 @@ def crash_at(monkeypatch, at_step: int) -> None:
             raise RuntimeError("power cut")
 
     inject_fault(monkeypatch, crash)
+
+
+def lora_adapter(model_dir: Path, out: Path, **kw) -> Path:
+    """A random (not zero-initialised) PEFT LoRA adapter on `model_dir`, with the training chat template."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from desktune.runs.layout import CHAT_TEMPLATE
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM",
+                             "init_lora_weights": False, **kw})
+    peft.get_peft_model(base, cfg).save_pretrained(out)
+    (out / CHAT_TEMPLATE).write_text(CHATML, encoding="utf-8")
+    return out

@@ -7,6 +7,7 @@ The Python API mirrors the CLI verbs::
     result = desktune.train(cfg)
     print(desktune.generate("Who are you?", adapter=result.adapter_dir))
     desktune.merge(result.adapter_dir, "merged/")
+    desktune.export_gguf(result.run_dir, "tuned.gguf", qtype="q8_0")
     print(desktune.evaluate(result.run_dir).forgetting)
     desktune.report(result.run_dir)
 """
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     from desktune.evaluation.results import EvalResult
     from desktune.training.loop import RunResult
 
-__all__ = ["DesktuneError", "RunConfig", "RunResult", "__version__", "demo", "evaluate", "generate", "load_config",
-           "merge", "report", "train"]
+__all__ = ["DesktuneError", "RunConfig", "RunResult", "__version__", "demo", "evaluate", "export_gguf", "generate",
+           "load_config", "merge", "report", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -70,11 +71,22 @@ def generate(prompt: str, *, model: str | None = None, adapter: str | Path | Non
                  temperature=temperature)
 
 
-def merge(adapter: str | Path, output: str | Path, *, model: str | None = None, dtype: str = "bf16") -> Path:
-    """Merge an adapter into its 16-bit base; returns the merged model folder."""
+def merge(adapter: str | Path | list[str | Path], output: str | Path, *, model: str | None = None,
+          dtype: str = "bf16", weights: list[float] | None = None, into: str | None = None,
+          force_base: bool = False) -> Path:
+    """`desktune merge`: the adapter(s), weighted, merged into their base; returns the merged model folder."""
     from desktune.export.merge import merge_adapter
 
-    return merge_adapter(adapter, output, model=model, dtype=dtype)
+    return merge_adapter(adapter, output, model=model, dtype=dtype, weights=weights, into=into,
+                         force_base=force_base)
+
+
+def export_gguf(source: str | Path, out: str | Path, **options: Any) -> Path:
+    """`desktune export gguf`: a run, adapter or model folder as a GGUF file (and its Modelfile); options as
+    desktune.export.gguf.export_gguf takes them (qtype, adapter_only, into, ollama_from, ...). Returns the file."""
+    from desktune.export.gguf import export_gguf as run_export
+
+    return run_export(Path(source), Path(out), **options).path
 
 
 def demo(output_dir: str | Path = "runs", max_steps: int | None = None) -> RunResult:

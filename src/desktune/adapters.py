@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,13 @@ import torch
 
 from desktune.config import LoraConfig
 from desktune.errors import DesktuneError
-from desktune.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE, CHECKPOINTS
+from desktune.runs.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ADAPTER_WEIGHTS_PICKLE,
+    BASE_FINGERPRINT,
+    CHECKPOINTS,
+)
 
 
 @dataclass(frozen=True)
@@ -215,3 +224,122 @@ def _refuse(path: str | Path, base_name: str | None, msg: str) -> DesktuneError:
         f" (see base_model_name_or_path in {ADAPTER_CONFIG})"
     return DesktuneError(f"could not load the adapter: {msg}", where=str(path),
                          fix=f"use the base model the adapter was trained on{trained_on}")
+
+
+def load_more_adapter(model: Any, path: str | Path, name: str) -> None:
+    """Put one more saved PEFT adapter, under `name`, on a model that already holds one (same checks as
+    load_adapter)."""
+    base_name = check_adapter(path).get("base_model_name_or_path")
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if weights.is_file() and shape_mismatches(base_model(model), _tensor_shapes(weights)):
+        raise _refuse(path, base_name, "its weight shapes do not match this base model (was it trained on another "
+                                       "base?)")
+    try:
+        model.load_adapter(str(path), adapter_name=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # peft's refusals, as in load_adapter
+        raise _refuse(path, base_name, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+# ---------------------------------------------------------------- the fingerprint of a base model
+
+FINGERPRINT_VERSION = 1
+_SAMPLED_TENSORS = 32  # tensors, spread over the sorted names, whose values are sampled
+_SAMPLES_PER_TENSOR = 8
+# a base re-saved in bf16 moves each value by at most 2^-9 of it; another base (a fine-tune) moves some far more
+_SAMPLE_RTOL = 2.0**-7
+
+
+def base_weight_files(source: str) -> list[Path]:
+    """The safetensors files of a base: a local folder's, or a hub id's already in the local cache (nothing is
+    downloaded); empty when there are none."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError), or not a valid repo id
+            return []
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _sample(handle: Any, name: str, shape: tuple[int, ...]) -> list[float]:
+    """A few values of one tensor at positions fixed by its name and shape (read one by one, not the tensor)."""
+    import random
+
+    numel = math.prod(shape)
+    picks = sorted(random.Random(f"{name}:{shape}").sample(range(numel), min(_SAMPLES_PER_TENSOR, numel)))
+    values = []
+    for flat in picks:
+        index = []
+        for dim in reversed(shape):
+            flat, i = divmod(flat, dim)
+            index.append(slice(i, i + 1))
+        values.append(float(handle.get_slice(name)[tuple(reversed(index))].float().reshape(-1)[0]))
+    return values
+
+
+def base_fingerprint(source: str) -> dict[str, Any] | None:
+    """What identifies a base's weights, read from its safetensors files (so independent of the dtype, device and
+    quantization it is loaded with): a hash of every tensor's name and shape, and a few values of some tensors.
+    None for a base without safetensors files (or a hub id not in the local cache)."""
+    from safetensors import safe_open
+
+    files = base_weight_files(source)
+    if not files:
+        return None
+    shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({n: (file, tuple(f.get_slice(n).get_shape())) for n in f.keys()})  # noqa: SIM118
+    names = sorted(shapes)
+    structure = hashlib.sha256("\n".join(f"{n}:{shapes[n][1]}" for n in names).encode()).hexdigest()
+    n = len(names)
+    chosen = names if n <= _SAMPLED_TENSORS else [names[i * n // _SAMPLED_TENSORS] for i in range(_SAMPLED_TENSORS)]
+    samples = {}
+    for name in chosen:
+        file, shape = shapes[name]
+        if math.prod(shape):
+            with safe_open(str(file), framework="pt") as f:
+                samples[name] = _sample(f, name, shape)
+    return {"version": FINGERPRINT_VERSION, "source": source, "tensors": len(names), "structure": structure,
+            "samples": samples}
+
+
+def fingerprint_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why two base fingerprints are of different weights (None when they match)."""
+    if recorded.get("structure") != current.get("structure"):
+        return (f"its tensors have other names or shapes ({current.get('tensors')} tensors; the adapter's base had "
+                f"{recorded.get('tensors')})")
+    now = current.get("samples", {})
+    for name, values in recorded.get("samples", {}).items():
+        got = now.get(name)
+        if got is None or len(got) != len(values) or not all(
+                math.isclose(a, b, rel_tol=_SAMPLE_RTOL, abs_tol=1e-12) for a, b in zip(values, got, strict=True)):
+            return f"its weights differ (sampled values of {name})"
+    return None
+
+
+def write_base_fingerprint(folder: Path, source: str) -> None:
+    """Record the fingerprint of the base in an adapter folder (nothing for a base without safetensors)."""
+    found = _cached_fingerprint(source, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                                              for p in base_weight_files(source)))
+    if found is not None:
+        (folder / BASE_FINGERPRINT).write_text(json.dumps(found, indent=2), encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_fingerprint(source: str, files: tuple[tuple[str, int, int], ...]) -> dict[str, Any] | None:
+    """base_fingerprint, once per run (`files`, with sizes and times, keys the cache)."""
+    return base_fingerprint(source)
+
+
+def read_base_fingerprint(folder: str | Path) -> dict[str, Any] | None:
+    """The base fingerprint an adapter folder records (None when it has none, or one desktune cannot read)."""
+    file = Path(folder) / BASE_FINGERPRINT
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(raw, dict) and raw.get("version") == FINGERPRINT_VERSION and isinstance(raw.get("samples"), dict)
+    return raw if ok else None

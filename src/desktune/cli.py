@@ -1,4 +1,4 @@
-"""The `desktune` command: demo, train, eval, report, plan, generate, chat, merge."""
+"""The `desktune` command: demo, train, eval, report, plan, generate, chat, merge, export, serve."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def _main(
 ) -> None:
     """Fine-tune open LLMs with LoRA/QLoRA on the hardware you have: one GPU, a laptop, or a CPU.
 
-    Verbs: demo, train, plan, generate, chat, merge. DESKTUNE_DEBUG=1 adds the full traceback to an error.
+    Verbs: demo, train, plan, generate, chat, merge, export, serve.
+    DESKTUNE_DEBUG=1 adds the full traceback to an error.
     """
 
 
@@ -196,7 +197,12 @@ def plan(
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    prompt: Annotated[str | None, typer.Argument(help="The user message (or --prompts FILE).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Answer every prompt of a file: .txt "
+                                                 "(one per line) or .jsonl (prompt and optionally system).")] = None,
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="Write the answers here as JSON lines "
+                                                "(default: print them).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts answered together (greedy answers).")] = 8,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     system: SystemOpt = None,
@@ -206,16 +212,39 @@ def generate(
     quant: QuantOpt = Quant.none,
     device: DeviceOpt = Device.auto,
 ) -> None:
-    """Answer one prompt, streaming tokens, with or without an adapter.
+    """Answer one prompt (streamed) or a file of prompts (in batches), with or without an adapter.
 
+    With --prompts, greedy answers are made --batch-size at a time (a temperature samples them one by one,
+    prompt i seeded with i); each line of --out is the prompt's line (prompt, system, your own fields) plus
+    "answer", and the file is written whole at the end, in one rename. Progress goes to stderr.
     Example: desktune generate "Who are you?" --adapter runs/demo/adapter
+    Example: desktune generate --prompts questions.txt --out answers.jsonl --adapter runs/demo/adapter
     """
-    from desktune.inference import conversation, load_for_inference, reply
+    import json
 
+    from desktune.inference import answer_prompts, conversation, load_for_inference, prompt_rows, reply, write_jsonl
+
+    rows = prompt_rows(prompt, prompts, output)  # a bad prompt file is reported before the model loads
     loaded = load_for_inference(model, adapter, dtype=dtype.value, device=device.value, quant=quant.value)
-    reply(loaded.model, loaded.tokenizer, conversation(prompt, system), max_new_tokens=max_new_tokens,
-          temperature=temperature, on_text=lambda t: print(t, end="", flush=True))
-    print()
+    if prompts is None and output is None:
+        reply(loaded.model, loaded.tokenizer, conversation(prompt, system), max_new_tokens=max_new_tokens,
+              temperature=temperature, on_text=lambda t: print(t, end="", flush=True))
+        print()
+        return
+    done = [0]
+
+    def progress(batch: list[dict[str, Any]]) -> None:
+        done[0] += len(batch)
+        err.print(f"answered {done[0]}/{len(rows)} prompts", highlight=False)
+        if output is None:
+            for row in batch:
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+
+    answered = answer_prompts(loaded.model, loaded.tokenizer, rows, system=system, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, temperature=temperature, on_batch=progress)
+    if output is not None:
+        write_jsonl(output, answered)
+        err.print(f"answers written: {output}", highlight=False, markup=False)
 
 
 @app.command()
@@ -231,53 +260,107 @@ def chat(
 ) -> None:
     """Chat in the terminal with a model, with or without an adapter (answers stream as they are made).
 
-    Type a message and press Enter; /reset clears the conversation, /exit (or Ctrl-D) leaves.
+    Type a message and press Enter; the conversation is kept until /reset. /adapter PATH switches to another
+    adapter trained on the same base (its chat template too), /adapter off (or /base) to the base alone; a bad
+    adapter is refused and the current one stays. /system TEXT sets the system message (/system alone removes
+    it). Switching and /system start a new conversation (the system message stays). /help lists the commands,
+    /exit (or Ctrl-D) leaves.
     Example: desktune chat --adapter runs/demo/adapter
     """
-    from desktune.inference import conversation, load_for_inference, reply
+    from desktune.inference import ChatSession, base_name, chat_loop, load_for_inference
 
-    loaded = load_for_inference(model, adapter, dtype=dtype.value, device=device.value, quant=quant.value)
-    history = conversation(None, system)
-    start = len(history)
-    err.print("[dim]chat ready: /reset clears, /exit leaves[/]")
-    while True:
-        try:
-            text = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if text.strip() in {"/exit", "/quit"}:
-            return
-        if text.strip() == "/reset":
-            del history[start:]
-            continue
-        if not text.strip():
-            continue
-        history.append({"role": "user", "content": text})
-        print("assistant> ", end="", flush=True)
-        answer = reply(loaded.model, loaded.tokenizer, history, max_new_tokens=max_new_tokens,
-                       temperature=temperature, on_text=lambda t: print(t, end="", flush=True))
-        print()
-        history.append({"role": "assistant", "content": answer})
+    name = base_name(model, adapter)  # a bad adapter folder is reported before the base loads
+    loaded = load_for_inference(name, None, dtype=dtype.value, device=device.value, quant=quant.value)
+    session = ChatSession(loaded.model, loaded.tokenizer, system=system, max_new_tokens=max_new_tokens,
+                          temperature=temperature)
+    if adapter is not None:
+        session.use_adapter(adapter)
+    chat_loop(session, input, lambda t: print(t, end="", flush=True),
+              lambda t: err.print(t, highlight=False, markup=False))
+
+
+Into = _choice("Into", ("dequantized", "original"))  # = desktune.export.merge.INTO
+IntoOpt = Annotated[Into | None, typer.Option("--into", help="dequantized: the 4-bit/8-bit weights a QLoRA adapter "
+                                              "trained on, de-quantized (its default); original: the original "
+                                              "16-bit weights (the only choice for other adapters).")]
 
 
 @app.command()
 def merge(
-    adapter: Annotated[Path, typer.Argument(help="The PEFT adapter folder to merge.")],
+    adapters: Annotated[list[Path], typer.Argument(help="The PEFT adapter folder(s) to merge, all trained on one "
+                                                   "base.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
     model: ModelOpt = None,
     dtype: Annotated[Precision, typer.Option(help="Merged weights' precision.")] = Precision.bf16,
+    weights: Annotated[str | None, typer.Option("--weights", "-w", help="One weight per adapter, comma-separated "
+                                                "(default 1 each), e.g. 0.7,0.3.")] = None,
+    into: IntoOpt = None,
+    force_base: Annotated[bool, typer.Option("--force-base", help="Merge even when the base does not match the "
+                                             "adapters' recorded base (fingerprint or name).")] = False,
 ) -> None:
-    """Merge an adapter into its 16-bit base and save a plain transformers model folder.
+    """Merge one or more adapters, weighted, into their base and save a plain transformers model folder.
 
-    The base is always loaded in 16-bit, also for a QLoRA adapter (never merged into de-quantized 4-bit
-    weights). The folder holds safetensors weights, tokenizer and chat template.
-    Example: desktune merge runs/demo/adapter -o merged/
+    Each layer becomes W + sum of weight x adapter delta, summed in fp32 and rounded once to --dtype.
+    For a QLoRA adapter, W is by default the 4-bit weight training saw, de-quantized (--into dequantized).
+    The base must be the one the adapters trained on: checked by the fingerprint desktune records beside each
+    adapter, else by name (--force-base skips the check).
+    The folder holds safetensors weights, tokenizer and chat template.
+    Example: desktune merge runs/a/adapter runs/b/adapter --weights 0.7,0.3 -o merged/
     """
-    from desktune.export.merge import merge_adapter
+    from desktune.export.merge import merge_adapter, parse_weights
 
-    folder = merge_adapter(adapter, output, model=model, dtype=dtype.value)
+    folder = merge_adapter(adapters, output, model=model, dtype=dtype.value, weights=parse_weights(weights),
+                           into=into.value if into else None, force_base=force_base,
+                           log=lambda text: err.print(text, highlight=False))
     out.print(f"merged model saved: [bold]{folder}[/]")
+
+
+export_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                         help="Write a run, an adapter or a model in another format (gguf).")
+app.add_typer(export_app, name="export")
+GgufType = _choice("GgufType", ("f16", "bf16", "q8_0", "q4_0", "f32"))  # = desktune.export.gguf.MODEL_TYPES
+
+
+@export_app.command("gguf")
+def export_gguf(
+    source: Annotated[Path, typer.Argument(help="A run folder (its final adapter), an adapter folder, or a model "
+                                           "folder.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="The GGUF file to write.")],
+    qtype: Annotated[GgufType, typer.Option("--type", "-t", help="Weights: f16, bf16, q8_0, q4_0 (embeddings "
+                                            "q8_0) or f32; an adapter: f16, bf16, q8_0 or f32.")] = GgufType.f16,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write the LoRA adapter alone as a GGUF "
+                                               "adapter (llama.cpp --lora, Ollama ADAPTER).")] = False,
+    model: ModelOpt = None,
+    merge_dtype: Annotated[Precision | None, typer.Option(help="Precision of the merge (default fp32, bf16 for "
+                                                          "--type bf16; bf16 halves the memory it needs).")] = None,
+    into: IntoOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (and its Modelfile).")
+                     ] = False,
+    modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile beside the GGUF (OUT.Modelfile).")
+                         ] = True,
+    ollama_from: Annotated[str | None, typer.Option("--from", help="--adapter-only: the base for the Modelfile's "
+                                                    "FROM (a base GGUF file, or an Ollama model name).")] = None,
+) -> None:
+    """Write a GGUF file for llama.cpp, Ollama and LM Studio, with the gguf package alone (no llama.cpp build).
+
+    The adapter is merged into the base loaded in 16 bit or more (never into 4-bit weights). The file carries the
+    whole tokenizer with llama.cpp's pre-tokenizer type, the chat template used in training and the end-of-turn
+    token that stops generation; what cannot be written exactly (architecture, tokenizer, RoPE scaling) is
+    refused. Beside it goes OUT.Modelfile for `ollama create NAME -f OUT.Modelfile`: TEMPLATE where the training
+    template has an exact Ollama translation, PARAMETER stop for each end-of-generation token.
+    Example: desktune export gguf runs/demo --out demo.gguf --type q8_0
+    """
+    from desktune.export.gguf import export_gguf as run_export
+    from desktune.units import human_bytes
+
+    result = run_export(source, output, qtype=qtype.value, adapter_only=adapter_only, model=model,
+                        merge_dtype=merge_dtype.value if merge_dtype else None, force=force, modelfile=modelfile,
+                        ollama_from=ollama_from, into=into.value if into else None)
+    for note in result.notes:
+        out.print(f"  {note}", highlight=False)
+    out.print(f"GGUF written: [bold]{result.path}[/] ({human_bytes(result.bytes)}, {result.seconds:.1f} s)")
+    if result.modelfile is not None:
+        out.print(f"Modelfile: [bold]{result.modelfile}[/]  (ollama create NAME -f {result.modelfile})")
 
 
 @app.command("eval")
@@ -336,6 +419,43 @@ def report(
 
         out.print(f"TensorBoard logs: [bold]{write_tensorboard(run_dir, tensorboard)}[/] "
                   f"(tensorboard --logdir {tensorboard})")
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", "-a", help="NAME=PATH (or PATH, named after its run): an adapter served as model NAME "
+        "(repeatable; all on the same base).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs an API key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="DESKTUNE_API_KEY", show_envvar=True,
+        help="Require Authorization: Bearer KEY on every request (the variable keeps it out of `ps`).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Most tokens one answer may ask for.")] = 1024,
+    max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help="Longest prompt in tokens (default: the "
+                                                          "model's context).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = 1 << 20,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Generations in flight (running or waiting for the "
+                                                "model); beyond that 429.")] = 4,
+    dtype: DtypeOpt = Dtype.auto,
+    quant: QuantOpt = Quant.none,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Serve a base model and its adapters over an OpenAI-compatible HTTP API (chat, completions, models).
+
+    Each adapter is a model name; the base answers under its own name. Binds 127.0.0.1 unless told otherwise.
+    Example: desktune serve --adapter pirate=runs/demo/adapter, then any OpenAI client with
+    base_url http://127.0.0.1:8000/v1 and model "pirate".
+    """
+    from desktune.serving import Limits, ServeSettings, parse_adapters
+    from desktune.serving.server import serve as run_server
+
+    limits = Limits(max_tokens=max_tokens_limit, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                    max_concurrent=max_concurrent)
+    settings = ServeSettings(host=host, port=port, api_key=api_key or None, limits=limits)
+    run_server(settings, model=model, adapters=parse_adapters(adapter or []), dtype=dtype.value, device=device.value,
+               quant=quant.value, log=lambda text: err.print(text, highlight=False))
 
 
 LATEST = "latest"

@@ -19,11 +19,14 @@ def scores_table(r: EvalResult) -> Table:
     t.add_column("loss per target token (perplexity)", justify="right")
     t.add_row("base", _ppl(r.base))
     if r.tuned is not None:
-        t.add_row("base + adapter", _ppl(r.tuned), style="green")
+        label = "base + adapter" if r.tuned_16bit is None else "NF4 base + adapter (merge --into dequantized)"
+        t.add_row(label, _ppl(r.tuned), style="green")
     if r.nf4_base is not None and r.bit16_base is not None:
         t.add_row("base, 16-bit", _ppl(r.bit16_base))
         t.add_row("base, 4-bit NF4", _ppl(r.nf4_base))
         t.add_row("cost of 4-bit loading", f"{r.nf4_penalty_pct:+.2f}% loss")
+    if r.tuned_16bit is not None:  # a QLoRA run: its adapter on the NF4 base it trained on, and on the 16-bit base
+        t.add_row("adapter on the 16-bit base (merge --into original)", _ppl(r.tuned_16bit))
     return t
 
 

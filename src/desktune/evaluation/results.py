@@ -76,6 +76,9 @@ class EvalResult:
     tuned: Score | None  # held-out loss of base + adapter (None without an adapter)
     bit16_base: Score | None = None  # the held-out loss of the base loaded in 16 bit (its dtype) ...
     nf4_base: Score | None = None  # ... and loaded in 4-bit NF4: what 4-bit loading costs
+    # a QLoRA run's adapter on the original 16-bit base (`merge --into original`); `tuned` is it on the NF4 base
+    # it trained against, which `merge --into dequantized` reproduces
+    tuned_16bit: Score | None = None
     forgetting: Forgetting | None = None
     answers: list[Answer] = field(default_factory=list)
     seconds: float = 0.0
@@ -101,7 +104,7 @@ def _with_derived(obj: Any) -> Any:
     out = asdict(obj)
     if isinstance(obj, EvalResult):
         out["nf4_penalty_pct"] = obj.nf4_penalty_pct
-        for key in ("base", "tuned", "bit16_base", "nf4_base"):
+        for key in ("base", "tuned", "bit16_base", "nf4_base", "tuned_16bit"):
             if getattr(obj, key) is not None:
                 out[key]["perplexity"] = getattr(obj, key).perplexity
         if obj.forgetting is not None:
@@ -142,7 +145,7 @@ def read_result(path: Path) -> EvalResult:
         return EvalResult(
             base_model=obj["base_model"], adapter=obj.get("adapter"), data=obj["data"], base=_score(obj["base"]),
             tuned=_score(obj.get("tuned")), bit16_base=_score(obj.get("bit16_base")),
-            nf4_base=_score(obj.get("nf4_base")), forgetting=forgetting,
+            nf4_base=_score(obj.get("nf4_base")), tuned_16bit=_score(obj.get("tuned_16bit")), forgetting=forgetting,
             answers=[Answer(**a) for a in obj.get("answers", [])], seconds=obj.get("seconds", 0.0),
             timings=dict(obj.get("timings", {})),
             notes=list(obj.get("notes", [])))

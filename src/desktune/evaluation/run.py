@@ -158,17 +158,30 @@ def answers(loaded: LoadedModel, prompts: list[str]) -> list[Answer]:
     return [Answer(p, b, a) for p, b, a in zip(prompts, before, after, strict=True)]
 
 
-def quant_pair(cfg: RunConfig, req: EvalRequest, examples: list[Example], base: Score
-               ) -> tuple[Score, Score] | None:
-    """(16-bit base, NF4 base) held-out scores: the run's own base and the base loaded the other way."""
+@dataclass(frozen=True)
+class QuantPair:
+    """The base scored both ways and, for a QLoRA run, its adapter on the original 16-bit base too."""
+
+    bit16_base: Score
+    nf4_base: Score
+    tuned_16bit: Score | None = None
+
+
+def quant_pair(cfg: RunConfig, req: EvalRequest, examples: list[Example], base: Score,
+               adapter: Path | None) -> QuantPair | None:
+    """The run's own base and the base loaded the other way; a QLoRA run's adapter is also scored on the 16-bit
+    base (what merging into the original weights gives, against the NF4 base it learned its delta on)."""
     other = "none" if cfg.model.quant == "nf4" else "nf4"
+    on_16bit = adapter if other == "none" else None
     try:
-        loaded = load(cfg, None, req.device, quant=other)
+        loaded = load(cfg, on_16bit, req.device, quant=other)
     except DesktuneError as e:
         req.notes.append(f"4-bit comparison skipped: {str(e).splitlines()[0]}")
         return None
-    measured = score(loaded, examples, cfg)
-    return (measured, base) if other == "none" else (base, measured)
+    if on_16bit is None:
+        measured = score(loaded, examples, cfg)
+        return QuantPair(measured, base) if other == "none" else QuantPair(base, measured)
+    return QuantPair(base_score(loaded, examples, cfg), base, tuned_16bit=score(loaded, examples, cfg))
 
 
 @contextmanager
@@ -206,9 +219,9 @@ def evaluate(req: EvalRequest, console: Console | None = None) -> EvalResult:
     free_memory(device)
     if req.nf4:
         with phase(result, "nf4", console, "scoring the base loaded the other way (16-bit / 4-bit NF4)"):
-            pair = quant_pair(cfg, req, examples, result.base)
+            pair = quant_pair(cfg, req, examples, result.base, adapter)
         if pair is not None:
-            result.bit16_base, result.nf4_base = pair
+            result.bit16_base, result.nf4_base, result.tuned_16bit = pair.bit16_base, pair.nf4_base, pair.tuned_16bit
     result.seconds = round(time.perf_counter() - t0, 1)
     result.notes = req.notes
     write_result(result, output_path(req))

@@ -167,6 +167,8 @@ def _eval(result: EvalResult) -> str:
     scores = [_score_row("base", result.base), _score_row("tuned", result.tuned)]
     if result.bit16_base is not None or result.nf4_base is not None:
         scores += [_score_row("base, 16-bit", result.bit16_base), _score_row("base, 4-bit NF4", result.nf4_base)]
+    if result.tuned_16bit is not None:  # a QLoRA run's adapter on the original 16-bit weights
+        scores.append(_score_row("tuned, adapter on the 16-bit base", result.tuned_16bit))
     notes = "".join(f"<li>{escape(n)}</li>" for n in result.notes)
     return (_table(["", "value"], facts, "eval-facts", align=False) + "<h3>Held-out loss</h3>"
             + _table(["model", "loss", "perplexity", "target tokens"], scores, "eval-scores")

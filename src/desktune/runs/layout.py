@@ -15,6 +15,7 @@ An adapter folder (adapter/ or a checkpoint) is a PEFT adapter plus desktune's o
       adapter_config.json, adapter_model.safetensors   PEFT's
       chat_template.jinja      the template used in training
       desktune.json            what trained it (version, base, quantization, step)
+      base_fingerprint.json    the base's tensor names, shapes and sampled values (merge checks the base)
       trainer_state.pt         checkpoints only: what an exact resume needs (training/state.py)
 """
 
@@ -43,6 +44,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"  # older PEFT adapters
 CHAT_TEMPLATE = "chat_template.jinja"
 META = "desktune.json"
+BASE_FINGERPRINT = "base_fingerprint.json"
 TRAINER_STATE = "trainer_state.pt"
 
 _STEP = re.compile(r"step-(\d+)")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from desktune.adapters import write_base_fingerprint
 from desktune.runs.atomic import write_folder_atomically
 from desktune.runs.layout import ADAPTER_WEIGHTS, CHAT_TEMPLATE, META, TRAINER_STATE
 from desktune.training.state import TrainState
@@ -24,6 +25,7 @@ def _write_adapter(model: Any, tokenizer: Any, folder: Path, base_path: str, met
     if getattr(tokenizer, "chat_template", None):
         (folder / CHAT_TEMPLATE).write_text(tokenizer.chat_template, encoding="utf-8")
     (folder / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_base_fingerprint(folder, base_path)
 
 
 def save_adapter(model: Any, tokenizer: Any, out: Path, *, base_path: str, meta: dict[str, Any]) -> Path:
