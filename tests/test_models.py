@@ -187,3 +187,101 @@ def test_a_bug_inside_the_gguf_reader_is_not_a_user_error(tmp_path, monkeypatch)
     gguf.write_bytes(b"GGUF")
     with pytest.raises(TypeError, match="a bug in the GGUF reader"):
         resolve_source(str(gguf))
+
+
+class _Stop(OSError):
+    """Raised by a mocked from_pretrained: the test ends once the download would start."""
+
+
+def _hub(monkeypatch, *, offline: bool, cache: dict[str, Path], sizes: dict[str, int] | None = None,
+         events: list[str] | None = None) -> list[str]:
+    """Mock huggingface_hub (offline mode, its cache, model_info) and from_pretrained; no network is used.
+
+    Returns the event list: what `log` said and when from_pretrained was called, in order."""
+    import huggingface_hub
+    from huggingface_hub.hf_api import RepoSibling
+
+    events = [] if events is None else events
+
+    def model_info(repo_id: str, **kwargs: object) -> object:
+        events.append(f"model_info timeout={kwargs.get('timeout')}")
+        if sizes is None:
+            raise huggingface_hub.errors.HfHubHTTPError("no connection")
+        return type("Info", (), {"siblings": [RepoSibling(rfilename=n, size=s) for n, s in sizes.items()]})()
+
+    def from_pretrained(source: str, **kwargs: object) -> None:
+        events.append(f"from_pretrained {source}")
+        raise _Stop("stop here")
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: offline)
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename, **kw: str(cache[filename]) if filename in cache else None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return events
+
+
+def test_a_hub_download_is_announced_with_its_size_before_it_starts(monkeypatch):
+    sizes = {"model-00001-of-00002.safetensors": 2**30, "model-00002-of-00002.safetensors": 2**29,
+             "consolidated.safetensors": 2**31, "README.md": 10}  # consolidated.* is not what from_pretrained fetches
+    events = _hub(monkeypatch, offline=False, cache={}, sizes=sizes)
+    with pytest.raises(DesktuneError, match="stop here"):
+        load_model(ModelConfig(name="some-org/big"), CPU32, log=lambda text: events.append(f"log {text}"))
+    assert events[0] == "model_info timeout=10.0"
+    assert events[1].startswith("log downloading model 'some-org/big' from the Hugging Face hub")
+    assert "https://huggingface.co/some-org/big" in events[1] and "1.5 GiB of weights" in events[1]
+    assert "HF_HUB_OFFLINE=1" in events[1]
+    assert events[2:] == ["from_pretrained some-org/big"]
+
+
+def test_the_download_notice_goes_to_stderr_by_default(monkeypatch, capsys):
+    seen: list[str] = []
+    events = _hub(monkeypatch, offline=False, cache={}, sizes=None)  # model_info fails: size unknown
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(source: str, **kwargs: object) -> None:
+        seen.append(capsys.readouterr().err)  # what the user saw before the download started
+        real(source, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(DesktuneError):
+        load_model(ModelConfig(name="some-org/big"), CPU32)
+    assert "downloading model 'some-org/big'" in seen[0] and "size unknown" in seen[0]
+    assert events[-1] == "from_pretrained some-org/big"
+
+
+def test_a_cached_hub_model_is_not_announced_and_the_hub_is_not_asked(monkeypatch, tiny_model_dir):
+    cache = {n: tiny_model_dir / n for n in ("config.json", "tokenizer_config.json", "model.safetensors")}
+    events = _hub(monkeypatch, offline=False, cache=cache, sizes={"model.safetensors": 1})
+    with pytest.raises(DesktuneError):
+        load_model(ModelConfig(name="some-org/tiny"), CPU32, log=lambda text: events.append(f"log {text}"))
+    assert events == ["from_pretrained some-org/tiny"]
+
+
+def test_a_sharded_model_with_a_shard_missing_from_the_cache_is_announced(monkeypatch, tiny_model_dir, tmp_path):
+    from desktune.models.loading import hub_model_cached
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    cache = {"config.json": tiny_model_dir / "config.json", "model.safetensors.index.json": index,
+             "tokenizer_config.json": tiny_model_dir / "tokenizer_config.json",
+             "model-00001-of-00002.safetensors": tiny_model_dir / "model.safetensors"}
+    _hub(monkeypatch, offline=False, cache=cache)
+    assert not hub_model_cached("some-org/sharded")
+    cache["model-00002-of-00002.safetensors"] = tiny_model_dir / "model.safetensors"
+    assert hub_model_cached("some-org/sharded")
+    del cache["tokenizer_config.json"]  # the tokenizer is downloaded too
+    assert not hub_model_cached("some-org/sharded")
+
+
+def test_offline_nothing_is_announced_nor_asked_and_the_message_stays(monkeypatch):
+    import huggingface_hub
+
+    assert huggingface_hub.is_offline_mode()  # HF_HUB_OFFLINE=1 in the tests: the real from_pretrained fails
+    events: list[str] = []
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: events.append("model_info"))
+    with pytest.raises(DesktuneError, match="cannot be reached"):
+        load_model(ModelConfig(name="some-org/not-a-cached-model"), CPU32,
+                   log=lambda text: events.append(f"log {text}"))
+    assert events == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from desktune.constants import DTYPE_NAMES
 from desktune.errors import DesktuneError
 from desktune.units import human_bytes
 
-__all__ = ["DTYPES", "Hardware", "MemoryTelemetry", "detect", "free_memory", "human_bytes", "memory_in_use",
-           "memory_telemetry", "pick_device", "pick_dtype", "set_threads"]
+__all__ = ["DTYPES", "Hardware", "MemoryTelemetry", "cuda_bf16_native", "detect", "free_memory", "human_bytes",
+           "memory_in_use", "memory_telemetry", "pick_device", "pick_dtype", "set_threads"]
 
 _TORCH_NAMES = dict(zip(DTYPE_NAMES, ("bfloat16", "float16", "float32"), strict=True))
 # config names (and torch's own names) -> torch dtypes
@@ -65,17 +66,33 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+def cuda_bf16_native(device: torch.device) -> bool:
+    """True when the CUDA GPU computes bf16 natively: compute capability 8.0+ (Ampere on), or ROCm.
+
+    `torch.cuda.is_bf16_supported()` also answers True where bf16 is only emulated (T4 and RTX 20xx at 7.5,
+    V100 at 7.0), which runs far slower than fp16 there.
+    """
+    if torch.version.hip:
+        return True
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """Compute precision: bf16 where supported, fp16 only on GPUs without bf16, never fp16 on CPU."""
+    """Compute precision: bf16 where the hardware has it natively, fp16 on older GPUs, never fp16 on CPU."""
     if requested != "auto":
         if requested == "fp16" and device.type == "cpu":
             raise DesktuneError(
                 "fp16 on the CPU is ~1000x slower than bf16 (no fp16 matmul kernels)",
                 where="model.dtype", fix="use model.dtype: auto, bf16 or fp32",
             )
+        if DTYPES[requested] == torch.bfloat16 and device.type == "cuda" and not cuda_bf16_native(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            warnings.warn(f"model.dtype: bf16 on a GPU of compute capability {major}.{minor}: bf16 is only emulated "
+                          "there (native from 8.0) and runs slowly; model.dtype: auto picks fp16", stacklevel=3)
         return DTYPES[requested]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_bf16_native(device) else torch.float16
     if device.type == "mps":
         return torch.bfloat16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32

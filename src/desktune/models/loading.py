@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,11 @@ from desktune.models.quantize import (
     load_time_config,
     quantize_in_place,
 )
+from desktune.units import human_bytes
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# the weight files from_pretrained fetches (not e.g. Mistral's consolidated.safetensors beside them)
+_HUB_WEIGHTS = (re.compile(r"^model(-\d+-of-\d+)?\.safetensors$"), re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$"))
 
 
 @dataclass
@@ -144,6 +149,76 @@ def _cached_hub_config(source: str) -> tuple[dict[str, Any], Path] | None:
     return (raw, cached) if isinstance(raw, dict) else None
 
 
+def _in_hub_cache(repo_id: str, filename: str) -> Path | None:
+    """The cached copy of one file of a hub repository, else None (never downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except ValueError:  # an invalid repo id: from_pretrained reports it
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def hub_model_cached(repo_id: str) -> bool:
+    """Whether config.json, tokenizer_config.json and all weights of a hub id are in the local Hugging Face cache.
+
+    Weights: every shard a cached model.safetensors.index.json (or pytorch_model.bin.index.json) lists, else
+    model.safetensors or pytorch_model.bin.
+    """
+    if _in_hub_cache(repo_id, "config.json") is None or _in_hub_cache(repo_id, "tokenizer_config.json") is None:
+        return False
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = _in_hub_cache(repo_id, index_name)
+        if index is None:
+            continue
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return all(_in_hub_cache(repo_id, shard) is not None for shard in shards)
+    return any(_in_hub_cache(repo_id, name) is not None for name in ("model.safetensors", "pytorch_model.bin"))
+
+
+def hub_download_size(repo_id: str, timeout: float = 10.0) -> int | None:
+    """Bytes of the weight files from_pretrained fetches for a hub id (model*.safetensors, else pytorch_model*.bin),
+    as the hub lists them; None when unknown.
+
+    One metadata request, never in offline mode; any failure (no connection, a gated or missing repository)
+    gives None, and `from_pretrained` then reports the problem itself.
+    """
+    import huggingface_hub
+
+    if huggingface_hub.is_offline_mode():
+        return None
+    try:
+        info = huggingface_hub.model_info(repo_id, files_metadata=True, timeout=timeout)
+    except Exception:  # the size is only informative: whatever went wrong, from_pretrained says it next
+        return None
+    files = [(s.rfilename, s.size) for s in info.siblings or [] if s.size is not None]
+    for pattern in _HUB_WEIGHTS:
+        sizes = [size for name, size in files if pattern.match(name)]
+        if sizes:
+            return sum(sizes)
+    return None
+
+
+def announce_download(repo_id: str, log: Callable[[str], None]) -> None:
+    """Say that a hub id is about to be downloaded, from where and how big, unless it is cached or offline."""
+    import huggingface_hub
+
+    if huggingface_hub.is_offline_mode() or hub_model_cached(repo_id):
+        return
+    size = hub_download_size(repo_id)
+    of = f"{human_bytes(size)} of weights" if size is not None else "size unknown"
+    log(f"downloading model '{repo_id}' from the Hugging Face hub (https://huggingface.co/{repo_id}, {of}) into "
+        "the local cache; set HF_HUB_OFFLINE=1 to never download")
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _check_folder(path: Path, trust_remote_code: bool) -> None:
     """Give a clear message for a damaged local model folder before transformers does."""
     cfg = path / "config.json"
@@ -198,8 +273,13 @@ def _load_error(err: Exception, source: str, local: bool) -> DesktuneError:
                          where=source, fix="check the folder is complete (config.json, all weight files)")
 
 
-def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> LoadedModel:
-    """Load the base model frozen, in the run's precision, quantized if asked (`quant` overrides cfg.quant)."""
+def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None,
+               log: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load the base model frozen, in the run's precision, quantized if asked (`quant` overrides cfg.quant).
+
+    A hub id missing from the local cache is downloaded (when the hub is reachable and HF_HUB_OFFLINE is unset);
+    `log` (default: stderr) is told so, with the size, before the download starts.
+    """
     quiet_transformers()
     import_torchao_quietly()  # transformers imports torchao while loading models: do it once, without its noise
     from huggingface_hub.errors import StrictDataclassError
@@ -212,6 +292,8 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None) -> L
         _check_folder(Path(source), cfg.trust_remote_code)
     elif (cached := _cached_hub_config(source)) is not None:
         _check_architecture(cached[0], cached[1], source, cfg.trust_remote_code)
+    if not local:
+        announce_download(source, log or _stderr)
     backend = choose_backend(quant, hw.device.type)
     kwargs: dict[str, Any] = {
         "dtype": hw.dtype,

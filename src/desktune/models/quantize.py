@@ -52,6 +52,23 @@ _TRANSFORMERS_TORCHAO_IMPORTS = (
 )
 
 
+class _DropBnbKernelsNotice(logging.Filter):
+    """Drops the one log line bitsandbytes 0.50 writes when imported on a CPU with AVX512-BF16 but without the
+    optional `kernels` package (its CPU 4-bit gemm, which desktune never uses: torchao quantizes on the CPU).
+
+    peft imports bitsandbytes whenever it is installed, so every run would print the advice to `pip install kernels`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BNB_KERNELS_NOTICE)
+
+
+_BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # its module logger; the filter must be there before the import
+if not any(isinstance(f, _DropBnbKernelsNotice) for f in logging.getLogger(_BNB_CPU_LOGGER).filters):
+    logging.getLogger(_BNB_CPU_LOGGER).addFilter(_DropBnbKernelsNotice())
+
+
 def _check_quant(quant: str) -> str:
     q = (quant or "none").lower()
     if q not in QUANTS:
