@@ -79,3 +79,63 @@ def test_train_fits_micro_batch_to_the_budget_keeping_the_effective_batch(tiny_m
     events = [r for r in records_of(read_records(result.run_dir / "metrics.jsonl"), EventRecord)
               if r.name == "memory_fit"]
     assert events and events[0].data["micro_batch_size"] == fitted.micro_batch_size
+
+
+def _cuda_fit(tiny_model_dir, tmp_path, monkeypatch, free: int, **train: object):
+    """fit_to_budget for a mocked CUDA device with `free` bytes free (nothing touches a GPU)."""
+    import torch
+
+    from desktune import hardware
+    from desktune.hardware import Hardware
+    from desktune.memory.budget import fit_to_budget
+
+    monkeypatch.setattr(hardware, "free_memory", lambda device: free)
+    raw = tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 8, "grad_accum": 1, **train},
+                      data={"max_seq_len": 512})
+    return fit_to_budget(load_config(raw), Hardware(device=torch.device("cuda"), dtype=torch.bfloat16))
+
+
+def _cuda_totals(tiny_model_dir, tmp_path) -> tuple[int, int]:
+    """Planned CUDA totals of the tiny run at micro-batch 8 and at micro-batch 1 (same effective batch)."""
+    cfg = load_config(tiny_config(tiny_model_dir, tmp_path, train={"micro_batch_size": 8, "grad_accum": 1},
+                                  data={"max_seq_len": 512}))
+    small = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 1, "grad_accum": 8})})
+    return plan_run(cfg, "cuda", 2)[1].total, plan_run(small, "cuda", 2)[1].total
+
+
+def test_on_cuda_an_unset_budget_fits_to_the_free_memory(tiny_model_dir, tmp_path, monkeypatch):
+    from desktune.memory.estimate import CUDA_CONTEXT_BYTES
+
+    big, small = _cuda_totals(tiny_model_dir, tmp_path)
+    free = (big + small) // 2 - CUDA_CONTEXT_BYTES  # what mem_get_info reports once our context exists
+    fitted, note = _cuda_fit(tiny_model_dir, tmp_path, monkeypatch, free)
+    assert fitted.train.micro_batch_size < 8 and fitted.train.samples_per_step == 8
+    assert "did not fit" in note
+    roomy, note = _cuda_fit(tiny_model_dir, tmp_path, monkeypatch, big)  # the context is added back: it fits
+    assert roomy.train.micro_batch_size == 8 and "settings kept" in note
+
+
+def test_on_cuda_nothing_fitting_refuses_and_none_switches_fitting_off(tiny_model_dir, tmp_path, monkeypatch):
+    with pytest.raises(DesktuneError, match=r"memory_budget: none"):
+        _cuda_fit(tiny_model_dir, tmp_path, monkeypatch, 1)
+    kept, note = _cuda_fit(tiny_model_dir, tmp_path, monkeypatch, 1, memory_budget="none")
+    assert kept.train.micro_batch_size == 8 and note is None
+
+
+def test_on_cuda_offload_is_not_planned(tiny_model_dir, tmp_path, monkeypatch):
+    kept, note = _cuda_fit(tiny_model_dir, tmp_path, monkeypatch, 1, offload_activations=True)
+    assert kept.train.micro_batch_size == 8 and "offload_activations" in note
+    with pytest.raises(DesktuneError, match=r"does not model train\.offload_activations"):
+        _cuda_fit(tiny_model_dir, tmp_path, monkeypatch, 1, offload_activations=True, memory_budget="24GB")
+
+
+def test_on_the_cpu_an_unset_budget_fits_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    from desktune import hardware
+    from desktune.hardware import Hardware
+    from desktune.memory.budget import fit_to_budget
+
+    monkeypatch.setattr(hardware, "free_memory", lambda device: 1)
+    cfg = load_config(tiny_config(tiny_model_dir, tmp_path))
+    assert fit_to_budget(cfg, Hardware(device=torch.device("cpu"), dtype=torch.float32)) == (cfg, None)

@@ -167,7 +167,7 @@ def plan(
     Example: desktune plan --model llama-3.1-8b --quant nf4 --seq-len 2048 --micro-batch 2 --budget 24GB
     """
     from desktune.config import load_config
-    from desktune.memory.budget import budget_bytes, plan_run
+    from desktune.memory.budget import budget_bytes, effective_budget, plan_run
     from desktune.memory.render import catalog_table, print_plan
 
     if list_models:
@@ -184,12 +184,15 @@ def plan(
     cfg = load_config(config if config is not None else {"data": {"train": "-"}}, overrides)
     if device or config is None:  # planning for a named device: no torch import, answers in a second
         device_type, dtype_bytes = device.value if device else "cuda", DTYPE_BYTES[dtype.value if dtype else "bf16"]
+        setting = effective_budget(cfg.train.memory_budget, device_type)
+        setting = None if setting == "auto" else setting  # not the free memory of a device that may not be here
     else:
         from desktune.hardware import detect
 
         hw = detect(cfg.train.device, dtype.value if dtype else cfg.model.dtype)
         device_type, dtype_bytes = hw.device.type, hw.dtype.itemsize
-    limit = budget or cfg.train.memory_budget
+        setting = effective_budget(cfg.train.memory_budget, device_type)
+    limit = budget or setting
     _, result = plan_run(cfg, device_type, dtype_bytes)
     print_plan(result, budget_bytes(limit, device_type) if limit else None, console=out)
 

@@ -9,7 +9,15 @@ from rich.console import Console
 
 from desktune.config import RunConfig, parse_size
 from desktune.errors import DesktuneError
-from desktune.memory.estimate import Plan, PlanInputs, estimate, fit_settings, suggestions
+from desktune.memory.estimate import (
+    CPU_LIBRARY_BYTES,
+    CUDA_CONTEXT_BYTES,
+    Plan,
+    PlanInputs,
+    estimate,
+    fit_settings,
+    suggestions,
+)
 from desktune.memory.render import render_plan
 from desktune.memory.source import arch_for_model
 from desktune.units import human_bytes
@@ -18,15 +26,28 @@ if TYPE_CHECKING:
     from desktune.hardware import Hardware
 
 
+def effective_budget(setting: str | None, device_type: str) -> str | None:
+    """The budget a run fits to: unset means 'auto' on CUDA (never start a run that cannot fit the card) and no
+    fitting elsewhere; 'none' never fits."""
+    if setting is None:
+        return "auto" if device_type == "cuda" else None
+    return None if setting == "none" else setting
+
+
 def budget_bytes(budget: str, device_type: str) -> int:
-    """'auto' is the device's free memory now; anything else a size such as 24GB."""
+    """'auto' is the device's free memory now; anything else a size such as 24GB.
+
+    The free memory is read after this process made its CUDA context, or imported its libraries on the CPU; the
+    plan counts those too (CUDA_CONTEXT_BYTES, CPU_LIBRARY_BYTES), so they are added back, not subtracted twice.
+    """
     if budget != "auto":
         return parse_size(budget)
     import torch
 
     from desktune.hardware import free_memory
 
-    return free_memory(torch.device(device_type))
+    free = free_memory(torch.device(device_type))
+    return free + {"cuda": CUDA_CONTEXT_BYTES, "cpu": CPU_LIBRARY_BYTES}.get(device_type, 0)
 
 
 def plan_run(cfg: RunConfig, device_type: str, dtype_bytes: int) -> tuple[PlanInputs, Plan]:
@@ -43,10 +64,20 @@ def rendered(plan: Plan, budget: int) -> str:
 
 
 def fit_to_budget(cfg: RunConfig, hw: Hardware) -> tuple[RunConfig, str | None]:
-    """The config with settings that fit `train.memory_budget` (and a note of what changed), or an error."""
-    if not cfg.train.memory_budget:
+    """The config with settings that fit the run's memory budget (and a note of what changed), or an error.
+
+    The budget is `train.memory_budget`, or on CUDA the free memory when it is unset (`effective_budget`).
+    """
+    setting = effective_budget(cfg.train.memory_budget, hw.device.type)
+    if setting is None:
         return cfg, None
-    budget = budget_bytes(cfg.train.memory_budget, hw.device.type)
+    if cfg.train.offload_activations and hw.device.type == "cuda":
+        if cfg.train.memory_budget is None:
+            return cfg, "memory plan: not fitted (the planner does not model train.offload_activations)"
+        raise DesktuneError("the memory planner does not model train.offload_activations, so it cannot fit this "
+                            "run to a budget", where="train.memory_budget",
+                            fix="set train.memory_budget: none, or turn off train.offload_activations")
+    budget = budget_bytes(setting, hw.device.type)
     inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize)
     if plan.total <= budget:
         return cfg, f"memory plan: {human_bytes(plan.total)} of {human_bytes(budget)} budget; settings kept"
@@ -58,7 +89,8 @@ def fit_to_budget(cfg: RunConfig, hw: Hardware) -> tuple[RunConfig, str | None]:
         raise DesktuneError(
             f"the run needs {human_bytes(plan.total)} but the budget is {human_bytes(budget)}; {smallest}\n"
             + rendered(plan, budget),
-            where="train.memory_budget", fix="apply the change above, or raise the budget",
+            where="train.memory_budget", fix="apply the change above, or raise the budget"
+            + ("" if cfg.train.memory_budget else " (the free GPU memory; train.memory_budget: none skips this check)"),
         )
     micro, accum, ckpt = chosen
     train = cfg.train.model_copy(update={"micro_batch_size": micro, "grad_accum": accum,

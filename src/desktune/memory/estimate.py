@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 
 MiB = 1024**2
 CUDA_CONTEXT_BYTES = 400 * MiB  # CUDA context + kernels: 300-500 MiB per process, outside the allocator
+# A CPU run's memory that is not tensors, measured (benchmarks/plan_accuracy.py --rss: peak RSS minus the peak of
+# live tensors, SmolLM2-135M through desktune's own train path, bf16 and fp32, torch 2.13, 2 threads): the
+# imported libraries (torch, transformers, peft, desktune: 234 MiB RSS before a model loads) and, while training,
+# 664-776 MiB more (oneDNN kernel and primitive caches, the allocator's freed-but-kept pages, Python objects).
+CPU_LIBRARY_BYTES = 234 * MiB
+CPU_RUNTIME_BYTES = 780 * MiB
 # cuBLAS workspace, allocated through PyTorch's caching allocator: 4096 KiB x 8 by default on Hopper and newer
 # (CUBLAS_WORKSPACE_CONFIG=:4096:8), 4096 KiB x 2 + 16 KiB x 8 on older GPUs; the larger is assumed
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
@@ -440,11 +446,18 @@ def estimate(inputs: PlanInputs) -> Plan:
         ]
     if inputs.device_type == "cuda":
         plan.components.append(Component("cuBLAS workspace", CUBLAS_WORKSPACE_BYTES, "in the CUDA allocator"))
-    overhead = CUDA_CONTEXT_BYTES if inputs.device_type == "cuda" else 0
-    plan.components.append(Component("framework overhead", overhead,
-                                     "CUDA context and kernels (not tensors)" if overhead else "none counted on "
-                                     f"{inputs.device_type} (tensor-level accounting)"))
+    plan.components.append(_overhead(inputs.device_type))
     return plan
+
+
+def _overhead(device_type: str) -> Component:
+    """Memory of the process that is not tensors: the CUDA context, or on the CPU what was measured there."""
+    if device_type == "cuda":
+        return Component("framework overhead", CUDA_CONTEXT_BYTES, "CUDA context and kernels (not tensors)")
+    if device_type == "cpu":
+        return Component("framework overhead", CPU_LIBRARY_BYTES + CPU_RUNTIME_BYTES,
+                         "libraries, kernel caches, allocator slack (not tensors; measured RSS)")
+    return Component("framework overhead", 0, f"none counted on {device_type} (tensor-level accounting)")
 
 
 def _optim_note(inputs: PlanInputs) -> str:

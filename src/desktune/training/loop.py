@@ -300,7 +300,7 @@ def diagnostics_for(run: Run, steps: int) -> Diagnostics | None:
 def memory_limit(cfg: RunConfig, device: torch.device) -> int:
     """What memory-near-budget compares with: train.memory_budget, else what the device can give this run."""
     budget = cfg.train.memory_budget
-    if budget and budget != "auto":
+    if budget and budget not in ("auto", "none"):
         return parse_size(budget)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
