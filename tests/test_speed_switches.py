@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from desktune.data.encode import Example
 from desktune.scoring.ce import target_ce_sum
 from desktune.training.loop import train
 from desktune.training.speed import Switches, choose_switches, compile_layers, patching, switched_on
-from tests.tiny import tiny_config
+from tests.tiny import make_model_dir, tiny_config
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -45,7 +46,7 @@ def _lora_model(model_dir, seed: int = 0, checkpointing: str | None = None):
 def _loss_and_grads(model, switches: Switches | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     b = _batch()
     model.zero_grad()
-    with (switches or Switches()).forward_context(torch.device("cpu")):
+    with (switches or Switches()).forward_context(torch.device("cpu"), model):
         s, n = target_ce_sum(model, b["input_ids"], b["labels"], position_ids=b["position_ids"])
     (s / n).backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
@@ -62,6 +63,37 @@ def test_checkpointing_modes_give_the_same_gradients(tiny_model_dir, mode):
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama-4"), layers=4)
+
+
+@pytest.mark.parametrize(("mode", "recomputed"), [(False, []), ("selective", [1, 3]), ("full", [0, 1, 2, 3])])
+def test_checkpointing_recomputes_exactly_its_layers(four_layer_dir, mode, recomputed):
+    """Each decoder layer's runs, counted at its first submodule (input_layernorm): once in forward, and once more
+    during backward exactly when it is checkpointed (full: all 4 layers; selective: 1 and 3)."""
+    model = AutoModelForCausalLM.from_pretrained(four_layer_dir, dtype=torch.float32)
+    peft = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                       gradient_checkpointing=mode)
+    peft.train()
+    runs: dict[str, list[int]] = {"forward": [0] * 4, "backward": [0] * 4}
+    phase = ["forward"]
+
+    def counter(i: int) -> Callable[[torch.nn.Module, tuple], None]:
+        def count(module: torch.nn.Module, args: tuple) -> None:
+            runs[phase[0]][i] += 1
+        return count
+
+    for i, layer in enumerate(peft.get_base_model().model.layers):
+        layer.input_layernorm.register_forward_pre_hook(counter(i))
+    b = _batch()
+    s, n = target_ce_sum(peft, b["input_ids"], b["labels"], position_ids=b["position_ids"])
+    phase[0] = "backward"  # from here on, a layer runs only to recompute what its backward needs
+    (s / n).backward()
+    assert runs["forward"] == [1, 1, 1, 1]
+    assert runs["backward"] == [int(i in recomputed) for i in range(4)]
+
+
 def test_bf16_autocast_matches_fp32_within_bf16_precision(tiny_model_dir):
     model = _lora_model(tiny_model_dir)
     ref = _loss_and_grads(model)
@@ -76,25 +108,42 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision(tiny_model_dir):
     assert cos > 0.99 and got[1].dtype == torch.float32  # adapter gradients stay fp32
 
 
-def test_activation_offload_gives_the_same_gradients(tiny_model_dir):
+def _counting_hooks(seen: dict[str, list]) -> type:
+    """torch's saved_tensors_hooks, recording each packed tensor's storage and whether its pack hook kept it
+    (returned it as is) or offloaded it, and counting unpacks."""
+    real = torch.autograd.graph.saved_tensors_hooks
+
+    class Counting(real):
+        def __init__(self, pack_hook, unpack_hook):
+            def pack(t):
+                out = pack_hook(t)
+                seen["kept" if out is t else "offloaded"].append(t.untyped_storage().data_ptr())
+                return out
+
+            def unpack(packed):
+                seen["unpacked"].append(1)
+                return unpack_hook(packed)
+
+            super().__init__(pack, unpack)
+
+    return Counting
+
+
+def test_activation_offload_keeps_weights_and_gives_the_same_gradients(tiny_model_dir, monkeypatch):
     model = _lora_model(tiny_model_dir)
     ref = _loss_and_grads(model)
-    packed_to_cpu = []
-    real = torch.autograd.graph.save_on_cpu.__init__
-
-    def spy(self, *a, **kw):
-        real(self, *a, **kw)
-        pack_hook = self.pack_hook
-        self.pack_hook = lambda t: packed_to_cpu.append(1) or pack_hook(t)
-
-    torch.autograd.graph.save_on_cpu.__init__ = spy
-    try:
-        got = _loss_and_grads(model, Switches(offload_activations=True))
-    finally:
-        torch.autograd.graph.save_on_cpu.__init__ = real
-    assert len(packed_to_cpu) > 20  # saved activations went through the offload hooks
-    torch.testing.assert_close(got[0], ref[0])
-    torch.testing.assert_close(got[1], ref[1])
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    base = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
+    seen: dict[str, list] = {"kept": [], "offloaded": [], "unpacked": []}
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", _counting_hooks(seen))
+    got = _loss_and_grads(model, Switches(offload_activations=True))
+    monkeypatch.undo()
+    assert len(seen["offloaded"]) > 20  # saved activations went through the offload hooks
+    assert len(seen["unpacked"]) == len(seen["offloaded"]) + len(seen["kept"])  # and all came back
+    assert not weights & set(seen["offloaded"])  # no parameter (nor a view of one) was copied to the host
+    assert set(seen["kept"]) <= weights and len(base & set(seen["kept"])) >= 10  # the frozen base weights stayed
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
 
 
 def test_compiled_layers_give_the_same_loss_and_gradients(tiny_model_dir):
@@ -135,8 +184,9 @@ class _FakeLigerNorm(modeling_llama.LlamaRMSNorm):
 
 
 def _fake_liger(monkeypatch, *, fail: bool = False) -> list[str]:
-    """Put a stand-in `liger_kernel.transformers` in sys.modules that patches like liger does: an instance
-    forward, submodule attributes (new and replaced), a submodule's class and the modeling module's globals."""
+    """Put a stand-in `liger_kernel.transformers.monkey_patch` in sys.modules whose llama function patches like
+    liger does: an instance forward, submodule attributes (new and replaced), a submodule's class and the
+    modeling module's globals."""
     calls: list[str] = []
     # registered first, so the real globals come back at teardown even if switched_on failed to restore them
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
@@ -159,10 +209,11 @@ def _fake_liger(monkeypatch, *, fail: bool = False) -> list[str]:
 
     pkg = types.ModuleType("liger_kernel")
     sub = types.ModuleType("liger_kernel.transformers")
-    sub._apply_liger_kernel_to_instance = apply
-    pkg.transformers = sub
-    monkeypatch.setitem(sys.modules, "liger_kernel", pkg)
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply}
+    pkg.transformers, sub.monkey_patch = sub, patch
+    for mod in (pkg, sub, patch):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
     return calls
 
 
@@ -220,12 +271,13 @@ def test_switched_on_undoes_the_switches_when_training_fails(tiny_model_dir, mon
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_liger_patches_are_undone_at_once_when_it_does_not_cover_the_model(tiny_model_dir, monkeypatch):
+def test_liger_patches_are_undone_at_once_when_liger_fails(tiny_model_dir, monkeypatch):
     _fake_liger(monkeypatch, fail=True)
     model = _lora_model(tiny_model_dir)
-    with switched_on(model, Switches(fused_kernels="liger")) as on:
-        assert on.fused_kernels is None and "does not cover" in on.notes[-1]
-        assert _liger_patches(model) == []  # the half-applied patches did not stay for training
+    with pytest.raises(NotImplementedError), switched_on(model, Switches(fused_kernels="liger", packed_attention=True)):
+        pass
+    assert _liger_patches(model) == []  # the half-applied patches did not stay
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_patching_leaves_later_changes_alone(tiny_model_dir):

@@ -8,11 +8,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from desktune.config import load_config
+from desktune.adapters import attach_lora
+from desktune.config import LoraConfig, load_config
 from desktune.errors import DesktuneError
 from desktune.runs import EvalRecord, EventRecord, TrainRecord, read_records, records_of
-from desktune.training.loop import train
-from tests.tiny import inject_fault, tiny_config
+from desktune.training.checkpoint import load_state
+from desktune.training.loop import RunResult, train
+from tests.tiny import inject_fault, make_model_dir, tiny_config
 
 
 def _adapter(result) -> dict[str, torch.Tensor]:
@@ -84,22 +86,98 @@ def test_adapter_loads_with_plain_peft_and_matches(tiny_model_dir, tmp_path):
     assert (a - base).abs().max() > 1e-4  # the adapter changes the model
 
 
-@pytest.mark.parametrize("lora", [{"use_dora": True}, {"use_rslora": True, "target_modules": "all-linear"}])
-def test_dora_and_rslora_train(tiny_model_dir, tmp_path, lora):
-    result = train(load_config(tiny_config(tiny_model_dir, tmp_path, lora=lora, train={"max_steps": 2})), quiet=True)
-    cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert cfg["use_dora"] == lora.get("use_dora", False) and cfg["use_rslora"] == lora.get("use_rslora", False)
-    if lora.get("use_dora"):
-        assert any("magnitude" in k for k in _adapter(result))
+def _q_proj(model_dir: Path, **lora) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The peft model made by attach_lora (q_proj adapted), and its layer-0 q_proj."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = attach_lora(model, LoraConfig(dropout=0.0, target_modules=["q_proj"], **lora))
+    return peft, peft.get_base_model().model.layers[0].self_attn.q_proj
 
 
-@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
-def test_bitsandbytes_optimizers_step(tiny_model_dir, tmp_path, optimizer):
-    raw = tiny_config(tiny_model_dir, tmp_path, train={"max_steps": 2, "optimizer": optimizer})
+@pytest.mark.parametrize("rslora", [True, False])
+def test_lora_scaling_is_alpha_over_sqrt_r_with_rslora(tiny_model_dir, rslora):
+    r, alpha = 16, 8.0  # alpha / sqrt(r) = 2, alpha / r = 0.5
+    _, layer = _q_proj(tiny_model_dir, r=r, alpha=alpha, use_rslora=rslora)
+    g = torch.Generator().manual_seed(0)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.copy_(torch.randn(b.shape, generator=g) * 0.1)  # B starts at zero: the delta would be 0 either way
+        x = torch.randn(3, a.shape[1], generator=g)
+        delta = layer(x) - layer.base_layer(x)
+    by_hand = x @ a.T @ b.T
+    want, other = (alpha / r**0.5, alpha / r) if rslora else (alpha / r, alpha / r**0.5)
+    torch.testing.assert_close(delta, want * by_hand, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(delta, other * by_hand, rtol=0.5)
+
+
+def test_dora_magnitude_trains(tiny_model_dir, tmp_path):
+    """DoRA's magnitude vector is trainable, gets a gradient, and training moves it away from its start (the row
+    norms of the frozen weight, since B starts at zero)."""
+    peft, layer = _q_proj(tiny_model_dir, r=4, alpha=8.0, use_dora=True)
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    start = layer.base_layer.weight.detach().norm(dim=1)
+    torch.testing.assert_close(magnitude.detach(), start)
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    peft(input_ids=ids, labels=ids).loss.backward()
+    assert magnitude.requires_grad and magnitude.grad.abs().max() > 1e-6
+
+    raw = tiny_config(tiny_model_dir, tmp_path, lora={"use_dora": True}, train={"max_steps": 2})
     result = train(load_config(raw), quiet=True)
-    assert all(v.abs().max() > 0 for k, v in _adapter(result).items() if "lora_B" in k)
+    cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["use_dora"] and not cfg["use_rslora"]
+    saved = _adapter(result)
+    key = next(k for k in saved if "layers.0.self_attn.q_proj" in k and "magnitude" in k)
+    moved = (saved[key] - start).abs().max()
+    assert moved > 1e-3, moved  # lr 1e-2, 2 steps: Adam moves each entry by ~1e-2
+
+
+MIN_8BIT_SIZE = 4096  # bitsandbytes' default: a tensor with fewer values keeps fp32 optimizer state
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory) -> Path:
+    """Hidden 256: with r 16, q_proj's LoRA A and B (4096 values each) reach MIN_8BIT_SIZE, v_proj's B (2048)
+    does not, so an 8-bit run holds both kinds of state."""
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama-256"), hidden=256, init_std=0.1)
+
+
+def _optimizer_run(model_dir: Path, tmp_path: Path, optimizer: str) -> tuple[RunResult, list[dict]]:
+    """Six steps with `optimizer`; the run and the per-parameter optimizer state of its step-5 checkpoint."""
+    raw = tiny_config(model_dir, tmp_path, run_name=optimizer, lora={"r": 16, "alpha": 16},
+                      train={"optimizer": optimizer, "max_steps": 6}, data={"val_fraction": 0.0},
+                      checkpoint={"every": 5})
+    result = train(load_config(raw), quiet=True)
+    state = load_state(result.run_dir / "checkpoints" / "step-000005").optimizer["state"]
+    # bitsandbytes' state_dict nests each parameter's tensors under one key
+    return result, [s.get("__bnb_optimizer_quant_state__", s) for s in state.values()]
+
+
+@pytest.fixture(scope="module")
+def adamw_run(wide_model_dir, tmp_path_factory) -> tuple[RunResult, list[dict]]:
+    return _optimizer_run(wide_model_dir, tmp_path_factory.mktemp("adamw"), "adamw")
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU:UserWarning")
+@pytest.mark.parametrize(("optimizer", "bits"), [("adamw_8bit", 8), ("paged_adamw", 32), ("paged_adamw_8bit", 8)])
+def test_bitsandbytes_optimizers_step(wide_model_dir, adamw_run, tmp_path, optimizer, bits):
+    """bitsandbytes' optimizers run for real on the CPU: their own state (8-bit where bitsandbytes quantizes),
+    and the losses of torch's AdamW. 8-bit moments are blockwise-quantized (about 1% relative error), so each
+    update may differ by about 1% and the losses, falling ~2.4 in 6 steps, by up to ~0.02 (measured: 3e-4);
+    the 32-bit paged one does AdamW's arithmetic in fp32 (measured: below 1e-5)."""
+    result, states = _optimizer_run(wide_model_dir, tmp_path, optimizer)
+    ref, ref_states = adamw_run
+    assert all({"exp_avg", "exp_avg_sq"} <= s.keys() for s in ref_states)  # torch's AdamW
+    kinds = {(s["state1"].dtype, s["state2"].dtype, s["state1"].numel() >= MIN_8BIT_SIZE) for s in states}
+    big = torch.uint8 if bits == 8 else torch.float32
+    assert kinds == {(big, big, True), (torch.float32, torch.float32, False)}, kinds
+    tol = 0.01 if bits == 8 else 1e-4
+    gap = max(abs(a - b) for a, b in zip(result.train_losses, ref.train_losses, strict=True))
+    assert gap < tol, (result.train_losses, ref.train_losses)
+    assert result.final_train_loss < result.train_losses[0] - 1.0  # it trained
     events = [r.message for r in records_of(read_records(result.run_dir / "metrics.jsonl"), EventRecord)]
-    assert any("needs CUDA; using adamw_8bit" in m for m in events) == optimizer.startswith("paged")
+    assert not any("using adamw" in m for m in events)
+    assert any("paging needs CUDA" in m for m in events) == optimizer.startswith("paged")
 
 
 @pytest.mark.parametrize(("quant", "backend"), [("nf4", "torchao-nf4"), ("int8", "torchao-int8")])

@@ -118,9 +118,10 @@ class TrainConfig(_Strict):
         "bf16 pays off only on hardware with native bf16 (recent GPUs, CPUs with AVX512-BF16/AMX).",
     )
     compile: bool = Field(False, description="torch.compile each decoder layer (pays off on runs of many steps).")
-    fused_kernels: Literal["auto", "liger", "off"] = Field(
-        "auto", description="liger-kernel's fused RMSNorm/SwiGLU/RoPE on CUDA when installed (auto), required "
-        "(liger), or never (off).",
+    fused_kernels: Literal["off", "liger", "auto"] = Field(
+        "off", description="liger: liger-kernel's fused RMSNorm/SwiGLU/RoPE on CUDA (pip install liger-kernel), "
+        "undone after training; off when its model_type is not covered or it patches nothing. Experimental: it "
+        "has never run on a GPU in this project. auto: the same as off (kept for older configs).",
     )
     offload_activations: bool = Field(
         False, description="Keep saved activations in CPU memory until backward (GPU only: trades PCIe time "
@@ -143,7 +144,8 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", json_schema_extra=RESUME_MAY_CHANGE)
     memory_budget: str | None = Field(
         None, description="Fit micro-batch/accumulation/checkpointing to this memory (e.g. 24GB, 8GiB, auto: free "
-        "device memory) before loading; refuse to start when nothing fits.", json_schema_extra=RESUME_MAY_CHANGE,
+        "device memory) before loading; refuse to start when nothing fits. Unset: auto on CUDA, off elsewhere; "
+        "none: never fit.", json_schema_extra=RESUME_MAY_CHANGE,
     )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).",
                                 json_schema_extra=RESUME_MAY_CHANGE)
@@ -169,6 +171,8 @@ class TrainConfig(_Strict):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _budget(cls, v: object) -> object:
+        if v is False or (isinstance(v, str) and v.strip().lower() in ("none", "off", "false", "no")):
+            return "none"
         if isinstance(v, int | float):
             v = str(v)
         if isinstance(v, str) and v != "auto":

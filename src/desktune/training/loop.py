@@ -459,6 +459,9 @@ def announce(run: Run, mon: Monitor, device: torch.device) -> None:
     if used != tcfg.optimizer:
         mon.event(f"{tcfg.optimizer} needs CUDA; using {used} on {device.type}", name="optimizer_fallback",
                   optimizer=used)
+    elif used.startswith("paged_") and device.type != "cuda":
+        mon.event(f"{used}: paging needs CUDA; bitsandbytes keeps its state unpaged on {device.type}",
+                  name="optimizer_fallback", optimizer=used)
     for note in run.switches.notes:
         mon.event(note, name="switch_off")
 

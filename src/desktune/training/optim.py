@@ -9,32 +9,32 @@ import torch
 
 from desktune.config import TrainConfig
 
+# bitsandbytes 0.50.2 steps all three on CPU tensors (measured: AdamW8bit and PagedAdamW8bit keep uint8 state,
+# PagedAdamW fp32 state; bitsandbytes itself keeps a paged optimizer's state unpaged on the CPU, with a warning)
+_BNB = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
+_UNPAGED = {"paged_adamw": "adamw", "paged_adamw_8bit": "adamw_8bit"}
+
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> Any:
-    """AdamW (torch), or bitsandbytes 8-bit / paged AdamW; paged falls back to unpaged off CUDA."""
+    """AdamW (torch), or bitsandbytes' 8-bit / paged AdamW (on CUDA and the CPU; see `effective_optimizer`)."""
     params = [p for p in params if p.requires_grad]
     if not isinstance(cfg.lr, float | int):
         raise ValueError(f"train.lr must be resolved before the optimizer is made (got {cfg.lr!r})")
     kw = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
-    if cfg.optimizer == "adamw":
+    name = effective_optimizer(cfg.optimizer, device)
+    if name == "adamw":
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
     import bitsandbytes as bnb
 
-    name = effective_optimizer(cfg.optimizer, device)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **kw)
-    cls = {
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw": bnb.optim.PagedAdamW,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-    }[name]
-    return cls(params, **kw)
+    return getattr(bnb.optim, _BNB[name])(params, **kw)
 
 
 def effective_optimizer(name: str, device: torch.device) -> str:
-    """Paging moves optimizer state to CPU memory under GPU pressure; off CUDA the unpaged twin is used."""
-    if device.type != "cuda" and name.startswith("paged_"):
-        return {"paged_adamw": "adamw", "paged_adamw_8bit": "adamw_8bit"}[name]
+    """The optimizer a run uses: the configured one, except a paged one on a device that is neither CUDA nor the
+    CPU (MPS), which gets its unpaged twin: bitsandbytes allocates paged state as CUDA managed memory for every
+    tensor not on the CPU (`Optimizer8bit.get_state_buffer`; read in its source, not run here)."""
+    if device.type not in ("cuda", "cpu") and name in _UNPAGED:
+        return _UNPAGED[name]
     return name
 
 

@@ -24,6 +24,51 @@ T = TypeVar("T")
 _MISSING = object()
 
 
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """Where the storage of a strided tensor starts (a view shares its base's); None for a tensor without one
+    (a wrapper subclass: torchao's quantized weights)."""
+    if t.layout is not torch.strided:
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _weight_storages(model: torch.nn.Module) -> frozenset[int]:
+    """The storages of `model`'s parameters and buffers (the frozen base's weights among them)."""
+    ptrs = (_storage_ptr(t) for t in (*model.parameters(), *model.buffers()))
+    return frozenset(p for p in ptrs if p is not None)
+
+
+def _offload_hooks(weights: frozenset[int], *, pin: bool) -> tuple[Callable[[torch.Tensor], Any],
+                                                                    Callable[[Any], torch.Tensor]]:
+    """Saved-tensor hooks moving what backward saves to CPU memory (pinned when `pin`) and back to its device.
+
+    Left where they are: tensors on the storage of a weight (a Linear saves its weight, or its transpose, for
+    backward: copying the frozen base to the host every micro-batch would only cost time) and tensor subclasses.
+    """
+
+    def pack(t: torch.Tensor) -> Any:
+        ptr = _storage_ptr(t) if type(t) is torch.Tensor else None
+        if ptr is None or ptr in weights:
+            return t
+        if pin and t.is_cuda:
+            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
+            host.copy_(t)
+        else:
+            host = t.cpu()  # one already on the CPU: itself, no copy
+        return t.device, host
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=pin)
+
+    return pack, unpack
+
+
 @dataclass
 class Switches:
     """What a run actually uses, after checking the hardware; `notes` say what was turned off and why."""
@@ -35,14 +80,15 @@ class Switches:
     packed_attention: bool = False
     notes: list[str] = field(default_factory=list)
 
-    def forward_context(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """Wraps one micro-batch's forward (and so what backward saves): autocast and activation offload."""
+    def forward_context(self, device: torch.device, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Wraps one micro-batch's forward of `model` (and so what backward saves): autocast and activation offload
+        (saved activations wait in CPU memory, pinned on CUDA, until backward; `model`'s weights stay put)."""
         stack = contextlib.ExitStack()
         if self.autocast is not None:
             stack.enter_context(torch.autocast(device.type, dtype=self.autocast))
         if self.offload_activations:
-            # saved activations wait in (pinned) CPU memory until backward needs them
-            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"))
+            pack, unpack = _offload_hooks(_weight_storages(model), pin=device.type == "cuda")
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
         return stack
 
 
@@ -63,13 +109,14 @@ def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) ->
             out.offload_activations = True
         else:
             out.notes.append(f"train.offload_activations buys GPU memory only; off on {device.type}")
-    if tcfg.fused_kernels != "off":
+    if tcfg.fused_kernels == "auto":
+        out.notes.append("train.fused_kernels: auto means off: liger-kernel has never run on a GPU in this "
+                         "project (set liger to try it)")
+    elif tcfg.fused_kernels == "liger":
         if device.type != "cuda":
-            if tcfg.fused_kernels == "liger":
-                out.notes.append(f"train.fused_kernels: liger needs CUDA; off on {device.type}")
+            out.notes.append(f"train.fused_kernels: liger needs CUDA; off on {device.type}")
         elif importlib.util.find_spec("liger_kernel") is None:
-            if tcfg.fused_kernels == "liger":
-                out.notes.append("train.fused_kernels: liger-kernel is not installed (pip install liger-kernel); off")
+            out.notes.append("train.fused_kernels: liger-kernel is not installed (pip install liger-kernel); off")
         else:
             out.fused_kernels = "liger"
     out.compiled = tcfg.compile
@@ -77,16 +124,41 @@ def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) ->
     return out
 
 
-def apply_fused_kernels(model: Any) -> bool:
-    """Swap RMSNorm, SwiGLU and RoPE for liger-kernel's Triton kernels (its loss is not used: ours is chunked)."""
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+def apply_fused_kernels(model: Any) -> tuple[bool, str]:
+    """Patch the model with liger-kernel's function for its `config.model_type` (RMSNorm, SwiGLU, RoPE; not its
+    losses: ours is chunked). Returns (whether liger changed anything, a note saying what)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     base = base_model(model)
-    try:
-        _apply_liger_kernel_to_instance(model=base, cross_entropy=False, fused_linear_cross_entropy=False)
-    except (ValueError, KeyError, NotImplementedError):  # an architecture liger does not cover
-        return False
-    return True
+    model_type = getattr(base.config, "model_type", None)
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        return False, f"train.fused_kernels: liger has no kernels for model_type {model_type!r}; off"
+    modules, names = _changes(model, lambda: apply(
+        model=base, cross_entropy=False, fused_linear_cross_entropy=False))
+    if not modules and not names:
+        return False, f"train.fused_kernels: liger did not patch anything in this {model_type} model; off"
+    return True, (f"train.fused_kernels: liger is on: patched {modules} modules of this {model_type} model and "
+                  f"replaced {len(names)} modeling globals ({', '.join(names) or '-'}); it has never run on a GPU "
+                  "in this project: compare a few steps with fused_kernels: off")
+
+
+def _changes(model: Any, apply: Callable[[], object]) -> tuple[int, list[str]]:
+    """Run `apply()`; return how many submodules it changed (an attribute, child, parameter, buffer or the class)
+    and the names of the modeling-module globals it replaced. Compared by identity, like `patching`."""
+    spaces, classes = _namespaces(model), [(m, type(m)) for m in model.modules()]
+    owner = {id(s): id(m) for m, _ in classes for s in (m.__dict__, m._modules, m._parameters, m._buffers)}
+    before = [dict(space) for space in spaces]
+    apply()
+    touched = {id(m) for m, cls in classes if type(m) is not cls}
+    replaced: list[str] = []
+    for space, old in zip(spaces, before, strict=True):
+        keys = [k for k in old.keys() | space.keys() if space.get(k, _MISSING) is not old.get(k, _MISSING)]
+        if keys and id(space) in owner:
+            touched.add(owner[id(space)])
+        else:
+            replaced += keys
+    return len(touched), sorted(replaced)
 
 
 def compile_layers(model: Any) -> int:
@@ -157,13 +229,12 @@ def switched_on(model: Any, switches: Switches) -> Iterator[Switches]:
             # flash-attention / eager: transformers' own packed-row handling
             switches.packed_attention = previous is not None
         if switches.fused_kernels == "liger":
-            covered, restore = patching(model, apply_fused_kernels)
-            if covered:
+            (applied, note), restore = patching(model, apply_fused_kernels)
+            switches.notes.append(note)
+            if applied:
                 undo.callback(restore)
-            else:  # put back whatever liger patched before it found an architecture it does not cover
-                restore()
+            else:  # liger changed nothing, so there is nothing to undo
                 switches.fused_kernels = None
-                switches.notes.append("train.fused_kernels: liger does not cover this architecture; off")
         if switches.compiled:
             undo.callback(patching(model, compile_layers)[1])
         yield switches

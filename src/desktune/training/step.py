@@ -81,7 +81,7 @@ class StepOutcome:
 
 def forward_backward(tr: Trainer, batch: dict[str, torch.Tensor], normaliser: int) -> float:
     """Forward and backward of one micro-batch; returns its summed loss."""
-    with tr.switches.forward_context(tr.device):
+    with tr.switches.forward_context(tr.device, tr.model):
         s = tr.objective.loss_sum(tr.model, batch, tr.device)
     tr.scaler.scale(s / normaliser).backward()
     return float(s.detach())
