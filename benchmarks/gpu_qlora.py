@@ -12,7 +12,9 @@ on q,k,v,o:
             TRL defaults (gradient checkpointing on, TRL's fused chunked log-prob loss);
   trl_best  the same with packing + padding-free, gradient checkpointing off (flash_attention_2 when the
             flash-attn package is installed, else sdpa);
-  desktune  desktune.train with model.quant nf4 (bitsandbytes on CUDA) and its defaults otherwise.
+  desktune  desktune.train with model.quant nf4 (bitsandbytes on CUDA) and its defaults otherwise: on CUDA its
+            memory fitting (train.memory_budget unset = the free GPU memory) may lower the micro-batch (same
+            effective batch) or turn on checkpointing so the run fits the card; what it chose is printed.
 Reported: tokens/s (rows x seq / training-loop seconds: first step's begin to last step's end, first step
 included), peak VRAM from the start of training to its end (torch.cuda.max_memory_allocated and
 max_memory_reserved, model weights included), each system's last logged train loss, an all-token validation loss
@@ -152,6 +154,20 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def chosen_settings(adapter_dir: str) -> str:
+    """What desktune's memory fitting chose for its run (on CUDA an unset train.memory_budget fits to the free
+    GPU memory), read back from the run folder."""
+    from desktune.config import load_config
+    from desktune.runs import EventRecord, RunDir, read_records, records_of
+
+    run = RunDir(Path(adapter_dir).parent)
+    t = load_config(run.config).train
+    notes = [e.message for e in records_of(read_records(run.metrics), EventRecord) if e.name == "memory_fit"]
+    return (f"desktune chose micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, gradient "
+            f"checkpointing {t.gradient_checkpointing or 'off'}" + (f" ({notes[0]})" if notes else
+                                                                    " (no memory fitting on this device)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -245,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         print("CPU: max alloc = live tensors tracked by PeakTracker during the timed run (its dispatch mode slows "
               "the run); TRL unquantized, desktune NF4 (torchao): plumbing only, not a comparison")
+    print(chosen_settings(res["desktune"]["adapter_dir"]))
     print(REFERENCE)
     if args.keep:
         print(f"work folder kept: {work}")

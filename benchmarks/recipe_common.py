@@ -1,8 +1,9 @@
 """Shared parts of the benchmarks against the standard TRL + PEFT recipe (vs_standard_recipe.py, gpu_qlora.py).
 
 Data (real chitchat conversations), the one validation loss every system is scored with, model FLOPs, the
-matmul peak, tiny random Llamas, and the training workers (TRL + PEFT, desktune) that each run in their own
-process so that peak RSS / peak VRAM belong to one system.
+matmul peak, tiny random Llamas, the training workers (TRL + PEFT in any layout / checkpointing / loss, desktune)
+that each run in their own process so that peak RSS / peak VRAM belong to one system, and a check of TRL's
+padding-free rows under the attention in use.
 
 Shared hyper-parameters: LoRA r 16, alpha 32, dropout 0.05 on q,k,v,o; micro-batch 2 x accumulation 4; lr 2e-4,
 linear schedule without warmup; weight decay 0; gradient clipping 1.0; AdamW betas (0.9, 0.999), eps 1e-8;
@@ -93,6 +94,7 @@ class Corpus:
     val_lengths: list[int]
     n_usable: int  # usable conversations in the dataset
     n_too_long: int  # drawn but longer than max_len, skipped
+    n_assistant: int = 0  # assistant-reply positions of the training conversations (assistant_positions)
 
     @property
     def train_tokens(self) -> int:
@@ -116,7 +118,9 @@ def select_conversations(tokenizer: Any, n_train: int, n_val: int, max_len: int,
             break
     if len(picked) < n_train + n_val:
         raise SystemExit(f"only {len(picked)} conversations fit in {max_len} tokens")
-    return Corpus(picked[:n_train], picked[n_train:], lengths[:n_train], lengths[n_train:], len(pool), too_long)
+    n_assistant = sum(len(assistant_positions(tokenizer, conv)[1]) for conv in picked[:n_train])
+    return Corpus(picked[:n_train], picked[n_train:], lengths[:n_train], lengths[n_train:], len(pool), too_long,
+                  n_assistant)
 
 
 def write_jsonl(path: Path, conversations: list[list[dict[str, str]]]) -> Path:
@@ -294,6 +298,44 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def _status_kib(field: str) -> int | None:
+    """A kB field of /proc/self/status (VmRSS, VmHWM), None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PhaseRss:
+    """Peak resident set size of this process from `start()` to `stop()`: Linux's high-water mark (VmHWM), reset
+    at the start by writing 5 to /proc/self/clear_refs. Where that is not possible, the process's whole peak
+    (ru_maxrss, loading included) and `exact` False."""
+
+    def __init__(self) -> None:
+        self.start_bytes: int | None = None
+        self.peak_bytes: int | None = None
+        self.exact = False
+
+    def start(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self.start_bytes = _status_kib("VmRSS")
+
+    def stop(self) -> None:
+        hwm = _status_kib("VmHWM") if self.exact else None
+        self.peak_bytes = hwm if hwm is not None else peak_rss_bytes()
+        self.exact = hwm is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"train_rss_bytes": self.peak_bytes, "rss_start_bytes": self.start_bytes, "rss_exact": self.exact}
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -350,7 +392,8 @@ def run_worker(script: str | Path, spec: dict[str, Any], *, timeout: float | Non
 
 
 def worker_main(spec_path: str) -> int:
-    """Entry point of a worker process: train one system, or evaluate adapters; writes the result JSON."""
+    """Entry point of a worker process: train one system, evaluate adapters, or check padding-free attention;
+    writes the result JSON."""
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     from desktune.models.loading import quiet_transformers
     from desktune.models.quantize import import_torchao_quietly
@@ -358,9 +401,13 @@ def worker_main(spec_path: str) -> int:
     quiet_transformers()
     import_torchao_quietly()
     if spec["kind"] == "train":
-        out = desktune_train(spec) if spec["system"] == "desktune" else trl_train(spec)
+        trainer = spec.get("trainer") or ("desktune" if spec["system"] == "desktune" else "trl")
+        out = desktune_train(spec) if trainer == "desktune" else trl_train(spec)
+        out["threads"] = torch.get_num_threads()
     elif spec["kind"] == "eval":
         out = eval_adapters(spec)
+    elif spec["kind"] == "pf_check":
+        out = padding_free_check(spec)
     else:
         raise SystemExit(f"unknown worker kind {spec['kind']}")
     Path(spec["result"]).write_text(json.dumps(out), encoding="utf-8")
@@ -386,6 +433,50 @@ def eval_adapters(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def padding_free_check(spec: dict[str, Any]) -> dict[str, Any]:
+    """Does spec['attn'] keep the samples of a TRL padding-free batch apart (one flattened row, no attention mask,
+    position ids restarting per sample: what padding_free and BFD packing feed the model)?
+
+    The base model on the first two training conversations, in the run's dtype and in fp32: max |logit difference|
+    of the second sample against it run alone ('pf'), beside the same for a plain concatenation ('leak', what
+    attention across samples gives). Valid when pf is below a tenth of leak in both dtypes.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    ids = [template_ids(tok, row["messages"]) for row in read_jsonl(spec["train_file"])[:2]]
+    out: dict[str, Any] = {"attn": spec.get("attn", "sdpa"), "lengths": [len(x) for x in ids]}
+    for name in dict.fromkeys([spec["dtype"], "fp32"]):
+        out[name] = _pf_diffs(spec, tok, ids, NAME_DTYPES[name])
+    out["valid"] = all(out[n]["pf"] < 0.1 * out[n]["leak"] for n in dict.fromkeys([spec["dtype"], "fp32"]))
+    return out
+
+
+def _pf_diffs(spec: dict[str, Any], tok: Any, ids: list[list[int]], dtype: torch.dtype) -> dict[str, float]:
+    """{'pf', 'leak'}: see padding_free_check."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    device = _device(spec)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype,
+                                                 attn_implementation=spec.get("attn", "sdpa"))
+    model.to(device).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)([{"input_ids": x} for x in ids])
+    batch.pop("labels")
+
+    def logits(**kw: Any) -> torch.Tensor:
+        kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+        return model(**kw, use_cache=False).logits[0].float()
+
+    n0 = len(ids[0])
+    alone = logits(input_ids=torch.tensor([ids[1]]))
+    flat = logits(**batch)[n0:]
+    plain = logits(input_ids=torch.tensor([ids[0] + ids[1]]))[n0:]
+    return {"pf": float((flat - alone).abs().max()), "leak": float((plain - alone).abs().max())}
+
+
 def desktune_config(spec: dict[str, Any]) -> Any:
     """The desktune RunConfig of a worker spec: desktune's defaults but for the shared hyper-parameters."""
     import desktune
@@ -394,7 +485,7 @@ def desktune_config(spec: dict[str, Any]) -> Any:
         "model": {"name": spec["model_dir"], "quant": spec.get("quant", "none")},
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": QKVO},
         "data": {"train": spec["train_file"], "shuffle": False, "max_seq_len": spec["max_len"],
-                 "train_on": spec.get("train_on", "assistant")},
+                 "train_on": spec.get("train_on", "assistant"), "replay": 0.0},  # no replay samples: same data
         "train": {"micro_batch_size": MICRO, "grad_accum": ACCUM, "lr": LR, "scheduler": "linear",
                   "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": MAX_GRAD_NORM, "epochs": 1,
                   "seed": SEED, "max_steps": spec.get("max_steps")},
@@ -402,12 +493,14 @@ def desktune_config(spec: dict[str, Any]) -> Any:
         "output_dir": spec["out_dir"],
         "run_name": spec["system"],
     }
+    if spec.get("memory_budget"):  # 'none': micro-batch, accumulation and checkpointing exactly as given
+        raw["train"]["memory_budget"] = spec["memory_budget"]
     return desktune.load_config(raw)
 
 
 def desktune_train(spec: dict[str, Any]) -> dict[str, Any]:
     """Train with desktune: `setup` then `fit` (what desktune.train does), PeakTracker around `fit` when
-    spec['track'] or on CUDA (where it only reads the allocator's peak)."""
+    spec['track'] or on CUDA (where it only reads the allocator's peak); PhaseRss around `fit`."""
     from desktune.memory.measure import PeakTracker, model_tensors
     from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
     from desktune.training.loop import fit, setup
@@ -419,19 +512,25 @@ def desktune_train(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tracker = PeakTracker(device, model_tensors(run.model)) if track else contextlib.nullcontext()
+    phase = PhaseRss()
+    phase.start()
     snap0 = cpu_snapshot()
     with tracker:
         result = fit(run)
     snap1 = cpu_snapshot()
+    phase.stop()
     rss = peak_rss_bytes()
     recs = read_records(RunDir(result.run_dir).metrics)
     steps = records_of(recs, TrainRecord)
-    out = {"system": "desktune", "train_s": result.train_s, "steps": result.steps,
+    out = {"system": spec["system"], "train_s": result.train_s, "steps": result.steps,
            "final_loss": result.train_losses[-1], "adapter_dir": str(result.adapter_dir),
            "tokens": sum(r.tokens for r in steps), "n_scored": sum(r.target_tokens for r in steps),
+           "step_s": [r.step_s for r in steps], "step_tokens": [r.tokens for r in steps],
+           "dtype": DTYPE_NAMES.get(run.loaded.hardware.dtype, str(run.loaded.hardware.dtype)),
+           "micro_batch": run.cfg.train.micro_batch_size, "grad_accum": run.cfg.train.grad_accum,
            "peak_bytes": tracker.peak_bytes if track else None,
            "reserved_bytes": int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None,
-           "rss_bytes": rss, "other_cores": foreign_cores(snap0, snap1),
+           "rss_bytes": rss, **phase.as_dict(), "other_cores": foreign_cores(snap0, snap1),
            "gradient_checkpointing": bool(getattr(run.model.get_base_model(), "is_gradient_checkpointing", False)),
            "truncated": sum(1 for e in records_of(recs, EventRecord) if e.name == "truncated")}
     if spec.get("val_ids_file"):
@@ -444,22 +543,71 @@ def _val_ids(spec: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
     return [(row["input_ids"], []) for row in read_jsonl(spec["val_ids_file"])]
 
 
-def trl_train(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train with TRL SFTTrainer + PEFT LoRA: 'recipe' (TRL defaults, no packing) or 'trl_best' (packing,
-    padding-free, no gradient checkpointing); TRL's own fused chunked log-prob loss in both. spec['quant'] nf4:
-    a bitsandbytes 4-bit NF4 base (double quantization, compute in the run's dtype); spec['attn']: attention.
+# ---------------------------------------------------------------- the TRL worker
 
-    Training-loop time: from the first optimizer step's begin to the last one's end (a TrainerCallback).
-    """
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+# What each TRL system name means unless the spec says otherwise: layout (padded | padding_free | packed),
+# gc (gradient checkpointing; None: TRL's default, on) and loss (all | assistant).
+TRL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "recipe": {"layout": "padded", "gc": None, "loss": "all"},
+    "trl_best": {"layout": "packed", "gc": False, "loss": "all"},
+}
+LAYOUT_ARGS: dict[str, dict[str, Any]] = {
+    "padded": {},
+    # TRL refuses padding_free without packing while max_length is set; every benchmark sample fits max_len
+    "padding_free": {"padding_free": True, "max_length": None},
+    "packed": {"packing": True, "padding_free": True},  # BFD packing into rows of max_length
+}
 
-    from desktune.memory.measure import PeakTracker, model_tensors
+# SmolLM2-Instruct's chat template with TRL's {% generation %} markers around each assistant turn's content and its
+# <|im_end|>: it renders the same text (checked on every row), so TRL's assistant_only_loss masks the positions
+# desktune trains on (TRL ships no training template for it).
+SMOLLM2_TRAINING_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-    device, dtype = _device(spec), NAME_DTYPES[spec["dtype"]]
-    best = spec["system"] == "trl_best"
+
+def trl_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """layout, gc and loss of a TRL worker spec (defaults by system name, see TRL_DEFAULTS)."""
+    base = TRL_DEFAULTS.get(spec["system"], {"layout": "padded", "gc": False, "loss": "all"})
+    return {k: spec.get(k, v) for k, v in base.items()}
+
+
+def assistant_template(tokenizer: Any, rows: list[dict[str, Any]]) -> str:
+    """Give the tokenizer a chat template with generation markers for TRL's assistant_only_loss; returns a note.
+
+    Kept as is when it has markers; else SMOLLM2_TRAINING_TEMPLATE when it renders every row identically."""
+    from trl.chat_template_utils import has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return "the tokenizer's own template (has generation markers)"
+    same = all(tokenizer.apply_chat_template(r["messages"], tokenize=False)
+               == tokenizer.apply_chat_template(r["messages"], tokenize=False, chat_template=SMOLLM2_TRAINING_TEMPLATE)
+               for r in rows)
+    if not same:
+        raise SystemExit("assistant-only TRL loss: the model's chat template is not SmolLM2's; no marked template")
+    tokenizer.chat_template = SMOLLM2_TRAINING_TEMPLATE
+    return "SmolLM2's template with {% generation %} markers (renders every row identically)"
+
+
+def mask_check(tokenizer: Any, rows: list[dict[str, Any]], prepared: Any) -> dict[str, Any]:
+    """Do TRL's prepared labels train exactly the shared assistant positions (recipe_common.assistant_positions)?"""
+    same = n = 0
+    for row, ids, labels in zip(rows, prepared["input_ids"], prepared["labels"], strict=True):
+        ref_ids, positions = assistant_positions(tokenizer, row["messages"])
+        mine = [i for i, v in enumerate(labels) if v != -100]
+        same += list(ids) == ref_ids and mine == positions
+        n += 1
+    return {"rows": n, "identical": same}
+
+
+def trl_model(spec: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """The base model as TRL gets it: in the run's dtype, spec['attn'] attention; NF4 when spec['quant'] is nf4."""
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = {}
     if spec.get("quant") == "nf4":
         from transformers import BitsAndBytesConfig
@@ -472,29 +620,68 @@ def trl_train(spec: dict[str, Any]) -> dict[str, Any]:
                                                  attn_implementation=spec.get("attn", "sdpa"), **kwargs)
     if "quantization_config" not in kwargs:
         model.to(device)
-    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
-    rows = read_jsonl(spec["train_file"])
-    dataset = Dataset.from_list(rows)
-    speed = {"packing": True, "padding_free": True, "gradient_checkpointing": False} if best else {}
-    args = SFTConfig(
+    return model
+
+
+def sft_config(spec: dict[str, Any], opts: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """The SFTConfig: the shared hyper-parameters, the run's dtype, the layout, checkpointing and loss in opts."""
+    from trl import SFTConfig
+
+    extra: dict[str, Any] = {"max_length": spec["max_len"], **LAYOUT_ARGS[opts["layout"]]}
+    if opts["gc"] is not None:
+        extra["gradient_checkpointing"] = opts["gc"]
+    if opts["loss"] == "assistant":
+        extra["assistant_only_loss"] = True
+    return SFTConfig(
         output_dir=str(Path(spec["out_dir"]) / spec["system"]), per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=ACCUM, learning_rate=LR, num_train_epochs=1, max_steps=spec.get("max_steps") or -1,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, seed=SEED,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        max_length=spec["max_len"], train_sampling_strategy="sequential", **speed)
-    peft_cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=QKVO,
-                          bias="none", task_type="CAUSAL_LM")
+        train_sampling_strategy="sequential", **extra)
+
+
+@dataclass
+class StepMeter:
+    """What a TRL run did per optimizer step: seconds (step begin to step end), tokens fed, positions scored."""
+
+    step_s: list[float]
+    step_tokens: list[int]
+    tokens: int = 0
+    scored: int = 0
+
+
+def counting_trainer(base: type, meter: StepMeter) -> type:
+    """`base` (SFTTrainer) counting each micro-batch's real tokens and scored positions before TRL's own loss."""
+
+    class Counting(base):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
+            mask = inputs.get("attention_mask")
+            meter.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            meter.scored += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    return Counting
+
+
+def trl_clock(spec: dict[str, Any], device: torch.device, meter: StepMeter) -> Any:
+    """A TrainerCallback timing every optimizer step into `meter`, PhaseRss from train begin to train end, and a
+    PeakTracker over the same span when spec['track'] or on CUDA."""
+    from transformers import TrainerCallback
+
+    from desktune.memory.measure import PeakTracker, model_tensors
 
     class Clock(TrainerCallback):
-        """First step's begin to last step's end; PeakTracker from train begin to train end when asked."""
-
         t0: float | None = None
         t1: float | None = None
         tracker: PeakTracker | None = None
 
+        def __init__(self) -> None:
+            self.phase = PhaseRss()
+
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                            **kw: Any) -> None:
+            self.phase.start()
             if spec.get("track") or device.type == "cuda":
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -502,36 +689,68 @@ def trl_train(spec: dict[str, Any]) -> dict[str, Any]:
                 self.tracker.__enter__()
 
         def on_step_begin(self, *a: Any, **kw: Any) -> None:
+            sync(device)
+            snap = cpu_snapshot()
             if self.t0 is None:
-                sync(device)
-                self.snap0 = cpu_snapshot()
-                self.t0 = self.snap0[0]
+                self.snap0, self.t0 = snap, snap[0]
+            self.begin, self.tokens0 = snap[0], meter.tokens
 
         def on_step_end(self, *a: Any, **kw: Any) -> None:
             sync(device)
             self.snap1 = cpu_snapshot()
             self.t1 = self.snap1[0]
+            meter.step_s.append(self.t1 - self.begin)
+            meter.step_tokens.append(meter.tokens - self.tokens0)
 
         def on_train_end(self, *a: Any, **kw: Any) -> None:
             if self.tracker is not None:
                 self.tracker.__exit__(None, None, None)
+            self.phase.stop()
 
-    clock = Clock()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_cfg,
-                         callbacks=[clock])
+    return Clock()
+
+
+def trl_train(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train with TRL SFTTrainer + PEFT LoRA, TRL's own fused chunked log-prob loss; trl_options(spec) picks the
+    layout, checkpointing and loss ('recipe': TRL defaults; 'trl_best': packing, padding-free, no checkpointing).
+    spec['quant'] nf4: a bitsandbytes 4-bit NF4 base; spec['attn']: attention.
+
+    train_s: first optimizer step's begin to last one's end; step_s: each step's begin to end (batch fetching and
+    logging between steps excluded, as desktune's step times exclude them).
+    """
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    device, dtype, opts = _device(spec), NAME_DTYPES[spec["dtype"]], trl_options(spec)
+    model = trl_model(spec, device, dtype)
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    rows = read_jsonl(spec["train_file"])
+    template = assistant_template(tok, rows) if opts["loss"] == "assistant" else None
+    meter = StepMeter([], [])
+    clock = trl_clock(spec, device, meter)
+    peft_cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=QKVO,
+                          bias="none", task_type="CAUSAL_LM")
+    trainer = counting_trainer(SFTTrainer, meter)(
+        model=model, args=sft_config(spec, opts, device, dtype), train_dataset=Dataset.from_list(rows),
+        processing_class=tok, peft_config=peft_cfg, callbacks=[clock])
     prepared = trainer.train_dataset
+    masks = mask_check(tok, rows, prepared) if template and opts["layout"] != "packed" else None
     tokens = sum(len(ids) for ids in prepared["input_ids"])
     trainer.train()
-    rss = peak_rss_bytes()
-    reserved = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     adapter_dir = Path(spec["out_dir"]) / spec["system"] / "adapter"
     trainer.model.save_pretrained(str(adapter_dir))
-    out = {"system": spec["system"], "train_s": clock.t1 - clock.t0, "steps": trainer.state.global_step,
-           "final_loss": losses[-1], "adapter_dir": str(adapter_dir), "tokens": tokens,
+    out = {"system": spec["system"], **opts, "train_s": clock.t1 - clock.t0, "steps": trainer.state.global_step,
+           "micro_batch": MICRO, "grad_accum": ACCUM,
+           "step_s": meter.step_s, "step_tokens": meter.step_tokens, "n_scored": meter.scored, "dtype": spec["dtype"],
+           "final_loss": losses[-1], "adapter_dir": str(adapter_dir), "tokens": tokens, "fed_tokens": meter.tokens,
            "rows": len(prepared), "peak_bytes": clock.tracker.peak_bytes if clock.tracker else None,
            "gradient_checkpointing": bool(getattr(trainer.model.get_base_model(), "is_gradient_checkpointing", False)),
-           "reserved_bytes": reserved, "rss_bytes": rss, "other_cores": foreign_cores(clock.snap0, clock.snap1),
+           "reserved_bytes": int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None,
+           "rss_bytes": peak_rss_bytes(), **clock.phase.as_dict(), "template": template, "mask_check": masks,
+           "other_cores": foreign_cores(clock.snap0, clock.snap1),
            "train_runtime": next((h["train_runtime"] for h in trainer.state.log_history if "train_runtime" in h),
                                  None)}
     if spec.get("val_ids_file"):
