@@ -17,8 +17,8 @@ pytest.importorskip("trl")  # the benchmark's extra (pip install -e ".[bench]")
 @pytest.mark.slow
 def test_gpu_qlora_tiny_runs_every_system_and_reports_what_desktune_chose():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--steps", "1", "--seq", "64"], capture_output=True, text=True, env=env,
-                          timeout=1200, check=False)
+    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--steps", "1", "--seq", "64"], capture_output=True,
+                          text=True, env=env, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"RESULT speedup_vs_recipe=\S+ speedup_vs_trl_best=\S+ mem_ratio_vs_recipe=\S+ "
