@@ -12,7 +12,7 @@ natively), all-linear at rank 64, QLoRA, padded rows with selective checkpointin
 trained through desktune's own `setup`/`fit` on the demo's real chats with validation. That last one runs in a
 fresh process and is also compared as a whole process: the plan's total (tensors + the measured non-tensor
 overhead) against the process's peak RSS. Its prediction takes each micro-batch the run really formed (rows,
-padded length, target share) and keeps the largest plan.
+padded length or, packed, mean length, target share) and keeps the largest plan.
 
     HF_HUB_OFFLINE=1 python benchmarks/plan_accuracy.py [--quick] [--device cpu|cuda]
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -238,9 +239,14 @@ def product_child(overrides: list[str]) -> dict[str, float]:
     def spy(examples, micro, **kw):  # every micro-batch the run forms, as it forms it
         out = batching.micro_batches(examples, micro, **kw)
         for chunk, _ in out:
-            longest = max(len(e.input_ids) for e in chunk)
-            share = sum(e.n_target for e in chunk) / (len(chunk) * (longest - 1))
-            shapes.append((len(chunk), longest, share, any(len(e.input_ids) < longest for e in chunk)))
+            lengths, targets = [len(e.input_ids) for e in chunk], sum(e.n_target for e in chunk)
+            if kw.get("packing"):  # one padding-free row: the planner's packed layout of b samples of mean length
+                mean = math.ceil(sum(lengths) / len(chunk))
+                shapes.append((len(chunk), mean, targets / (len(chunk) * (mean - 1)), False))
+            else:
+                longest = max(lengths)
+                shapes.append((len(chunk), longest, targets / (len(chunk) * (longest - 1)),
+                               any(n < longest for n in lengths)))
         return out
 
     step.micro_batches = spy
