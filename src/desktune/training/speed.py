@@ -145,20 +145,15 @@ def apply_fused_kernels(model: Any) -> tuple[bool, str]:
 
 def _changes(model: Any, apply: Callable[[], object]) -> tuple[int, list[str]]:
     """Run `apply()`; return how many submodules it changed (an attribute, child, parameter, buffer or the class)
-    and the names of the modeling-module globals it replaced. Compared by identity, like `patching`."""
-    spaces, classes = _namespaces(model), [(m, type(m)) for m in model.modules()]
-    owner = {id(s): id(m) for m, _ in classes for s in (m.__dict__, m._modules, m._parameters, m._buffers)}
-    before = [dict(space) for space in spaces]
+    and the names of the modeling-module globals it replaced (what `_watch` sees)."""
+    modules = list(model.modules())
+    owner = {id(s): id(m) for m in modules for s in (m.__dict__, m._modules, m._parameters, m._buffers)}
+    watch = _watch(model)
     apply()
-    touched = {id(m) for m, cls in classes if type(m) is not cls}
-    replaced: list[str] = []
-    for space, old in zip(spaces, before, strict=True):
-        keys = [k for k in old.keys() | space.keys() if space.get(k, _MISSING) is not old.get(k, _MISSING)]
-        if keys and id(space) in owner:
-            touched.add(owner[id(space)])
-        else:
-            replaced += keys
-    return len(touched), sorted(replaced)
+    changed = watch()
+    touched = {id(m) for m, _ in changed.classes} | {owner[id(sp)] for sp, _ in changed.spaces if id(sp) in owner}
+    replaced = sorted(k for sp, old in changed.spaces if id(sp) not in owner for k in old)
+    return len(touched), replaced
 
 
 def compile_layers(model: Any) -> int:
@@ -179,44 +174,53 @@ def _namespaces(model: Any) -> list[dict[str, Any]]:
     return spaces + [vars(sys.modules[n]) for n in sorted(names) if n in sys.modules]
 
 
-def patching(model: Any, apply: Callable[[Any], T]) -> tuple[T, Callable[[], None]]:
-    """Run `apply(model)`; return its result and a function undoing every change it made to the model.
+@dataclass
+class _Changes:
+    """What a patcher changed: each namespace with the old values of its changed keys, each module's old class."""
 
-    Changes are found by comparing (by identity) each namespace and submodule class before and after `apply`,
-    so later changes (training's own) are left alone. If `apply` raises, its changes are undone first.
-    """
-    spaces = _namespaces(model)
-    before = [dict(space) for space in spaces]
-    classes = [(m, type(m)) for m in model.modules()]
-    changes: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    moved: list[tuple[torch.nn.Module, type]] = []
+    spaces: list[tuple[dict[str, Any], dict[str, Any]]]
+    classes: list[tuple[torch.nn.Module, type]]
 
-    def undo() -> None:
-        for space, old in changes:
+    def undo(self) -> None:
+        for space, old in self.spaces:
             for key, value in old.items():
                 if value is _MISSING:
                     space.pop(key, None)
                 else:
                     space[key] = value
-        for module, cls in moved:
+        for module, cls in self.classes:
             module.__class__ = cls
 
-    def record() -> None:
-        for space, old in zip(spaces, before, strict=True):
-            diff = {k: old.get(k, _MISSING) for k in old.keys() | space.keys()
-                    if space.get(k, _MISSING) is not old.get(k, _MISSING)}
-            if diff:
-                changes.append((space, diff))
-        moved.extend((m, cls) for m, cls in classes if type(m) is not cls)
 
+def _watch(model: Any) -> Callable[[], _Changes]:
+    """Snapshot `model`'s namespaces and submodule classes; the returned function gives what changed since
+    (compared by identity)."""
+    spaces = _namespaces(model)
+    before = [dict(space) for space in spaces]
+    classes = [(m, type(m)) for m in model.modules()]
+
+    def changes() -> _Changes:
+        diffs = [(space, {k: old.get(k, _MISSING) for k in old.keys() | space.keys()
+                          if space.get(k, _MISSING) is not old.get(k, _MISSING)})
+                 for space, old in zip(spaces, before, strict=True)]
+        return _Changes([(space, d) for space, d in diffs if d], [(m, c) for m, c in classes if type(m) is not c])
+
+    return changes
+
+
+def patching(model: Any, apply: Callable[[Any], T]) -> tuple[T, Callable[[], None]]:
+    """Run `apply(model)`; return its result and a function undoing every change it made to the model.
+
+    Changes are taken right after `apply`, so later changes (training's own) are left alone. If `apply` raises,
+    its changes are undone first.
+    """
+    changes = _watch(model)
     try:
         result = apply(model)
     except BaseException:
-        record()
-        undo()
+        changes().undo()
         raise
-    record()
-    return result, undo
+    return result, changes().undo
 
 
 @contextlib.contextmanager
