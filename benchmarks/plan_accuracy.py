@@ -217,18 +217,11 @@ def measure(s: Setting, device: torch.device, dtype: torch.dtype) -> int:
     return peak
 
 
-def _vm(key: str) -> int:
-    """A /proc/self/status field (VmRSS, VmHWM) in bytes."""
-    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def product_child(overrides: list[str]) -> dict[str, float]:
     """In this (fresh) process: the demo config through desktune's setup/fit; plan vs tensor peak and RSS peak."""
     from desktune.config import load_config
     from desktune.data import batching
+    from desktune.hardware import memory_telemetry
     from desktune.memory.budget import plan_run
     from desktune.training import loop, step
 
@@ -257,7 +250,8 @@ def product_child(overrides: list[str]) -> dict[str, float]:
              for b, n, f, pad in set(shapes)]
     worst = max(plans, key=lambda p: p.total)
     return {"predicted": worst.tensor_bytes, "measured": tracker.peak_bytes, "plan_total": worst.total,
-            "rss_peak": _vm("VmHWM"), "dtype": str(run.loaded.hardware.dtype)[6:]}
+            "rss_peak": memory_telemetry(torch.device("cpu")).peak_rss_bytes,
+            "dtype": str(run.loaded.hardware.dtype)[6:]}
 
 
 def product(overrides: list[str]) -> dict[str, float]:
