@@ -20,7 +20,7 @@ from desktune.runs import (
     truncate_records,
     write_folder_atomically,
 )
-from desktune.runs.layout import TRAINER_STATE
+from desktune.runs.layout import CHECKPOINT_MARKER, TRAINER_STATE, TRAINER_TENSORS
 
 
 def _train(step: int, loss: float = 1.0) -> TrainRecord:
@@ -72,7 +72,8 @@ def test_truncate_keeps_the_record_up_to_the_checkpoint(tmp_path):
 def _checkpoint(run: RunDir, step: int, complete: bool = True):
     folder = run.checkpoint(step)
     folder.mkdir(parents=True)
-    names = ["adapter_config.json", "adapter_model.safetensors"] + ([TRAINER_STATE] if complete else [])
+    names = ["adapter_config.json", "adapter_model.safetensors", CHECKPOINT_MARKER] + (
+        [TRAINER_STATE, TRAINER_TENSORS] if complete else [])
     for name in names:
         (folder / name).write_text("x")
     return folder

@@ -14,7 +14,7 @@ from desktune.runs import layout
 SRC = Path(__file__).resolve().parents[1] / "src" / "desktune"
 RUN_FOLDER_NAMES = {layout.CONFIG, layout.METRICS, layout.CHECKPOINTS, layout.DEMO_ANSWERS, layout.ADAPTER_CONFIG,
                     layout.ADAPTER_WEIGHTS, layout.ADAPTER_WEIGHTS_PICKLE, layout.CHAT_TEMPLATE, layout.META,
-                    layout.TRAINER_STATE}
+                    layout.TRAINER_STATE, layout.TRAINER_TENSORS, layout.TRAINER_STATE_PICKLE, layout.CHECKPOINT_MARKER}
 
 
 def _modules(under: Path = SRC) -> list[Path]:
@@ -81,7 +81,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_runs_and_constants_are_torch_free_foundations():
-    for path in [*_modules(SRC / "runs"), SRC / "constants.py", SRC / "errors.py", SRC / "units.py"]:
+    for path in [*_modules(SRC / "runs"), *(SRC / f for f in ("constants.py", "errors.py", "units.py", "safety.py"))]:
         imported = _imports(path)
         assert not any(m.split(".")[0] in {"torch", "transformers", "peft"} for m in imported), path
         ours = {m for m in imported if m.startswith("desktune")}
@@ -98,7 +98,7 @@ def test_no_module_imports_the_package_root():
 # the chain, in order; a module may import its own layer, the ones before it, and the foundations
 CHAIN = ["config", "hardware", "memory", "defaults", "models", "adapters", "data", "scoring", "training", "evaluation",
          "inference", "export", "serving", "reporting"]
-FOUNDATIONS = {"errors", "constants", "units", "runs"}
+FOUNDATIONS = {"errors", "constants", "units", "runs", "safety"}
 FACES = {"cli", "demo_run", "__init__"}
 
 

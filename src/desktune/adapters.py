@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import math
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from desktune.runs.layout import (
     BASE_FINGERPRINT,
     CHECKPOINTS,
 )
+from desktune.safety import refuse_pickle, unpickle_refusal
 
 
 @dataclass(frozen=True)
@@ -145,10 +147,14 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
                             fix=f"pass a run's adapter/ folder or a {CHECKPOINTS}/step-N folder")
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DesktuneError(f"cannot read the file ({e.strerror or e})", where=str(cfg_file),
+                            fix="make it readable (chmod u+r) or restore the adapter folder") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DesktuneError(f"invalid JSON ({e})", where=str(cfg_file), fix="restore the adapter folder") from e
     if not isinstance(raw, dict):
-        raise DesktuneError("not a JSON object", where=str(cfg_file), fix="restore the adapter folder")
+        raise DesktuneError(f"not a JSON object (a {type(raw).__name__}); PEFT writes one object of settings",
+                            where=str(cfg_file), fix="restore the adapter folder")
     return raw
 
 
@@ -164,7 +170,10 @@ def check_adapter(path: str | Path) -> dict[str, Any]:
     weights = Path(path) / ADAPTER_WEIGHTS
     if weights.is_file():
         check_safetensors(weights, "adapter", fix=_RESTORE)
-    elif not (Path(path) / ADAPTER_WEIGHTS_PICKLE).is_file():
+    elif (Path(path) / ADAPTER_WEIGHTS_PICKLE).is_file():
+        refuse_pickle([Path(path) / ADAPTER_WEIGHTS_PICKLE], "adapter", path,
+                      convert=f"ask for the adapter as {ADAPTER_WEIGHTS} (PEFT saves it so by default)")
+    else:
         raise DesktuneError(f"no adapter weights here ({ADAPTER_WEIGHTS})", where=str(path), fix=_RESTORE)
     return cfg
 
@@ -202,42 +211,53 @@ def shape_mismatches(base: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) 
     return bad
 
 
+# peft's own refusals: OSError (unreadable files), ValueError (target modules not in the base; PeftError is one),
+# KeyError (unknown peft_type), RuntimeError (load_state_dict's size mismatch), UnpicklingError (an allowed
+# adapter_model.bin that holds more than tensors: torch.load(weights_only=True) refused it)
+PEFT_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError)
+
+
+def _checked(model: Any, path: str | Path) -> str | None:
+    """The adapter's recorded base, once its folder is sound and its shapes fit `model`'s layers."""
+    base_name = check_adapter(path).get("base_model_name_or_path")
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if weights.is_file() and shape_mismatches(base_model(model), _tensor_shapes(weights)):  # (.bin: peft checks)
+        raise _refuse(path, base_name, "its weight shapes do not match this base model (was it trained on another "
+                                       "base?)")
+    return base_name
+
+
 def load_adapter(base: torch.nn.Module, path: str | Path, *, trainable: bool = False) -> Any:
     """Put a saved PEFT adapter on a loaded base model."""
     from peft import PeftModel
 
-    base_name = check_adapter(path).get("base_model_name_or_path")
-    weights = Path(path) / ADAPTER_WEIGHTS
-    if weights.is_file() and shape_mismatches(base, _tensor_shapes(weights)):  # (adapter_model.bin: peft checks)
-        raise _refuse(path, base_name, "its weight shapes do not match this base model (was it trained on another "
-                                       "base?)")
+    base_name = _checked(base, path)
     try:
         return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        # peft's own refusals: OSError (unreadable files), ValueError (target modules not in the base; PeftError is
-        # one), KeyError (unknown peft_type), RuntimeError (load_state_dict's size mismatch)
-        raise _refuse(path, base_name, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-
-
-def _refuse(path: str | Path, base_name: str | None, msg: str) -> DesktuneError:
-    trained_on = f": {base_name} (the default when --model is left out)" if base_name else \
-        f" (see base_model_name_or_path in {ADAPTER_CONFIG})"
-    return DesktuneError(f"could not load the adapter: {msg}", where=str(path),
-                         fix=f"use the base model the adapter was trained on{trained_on}")
+    except PEFT_LOAD_ERRORS as e:
+        raise _refuse(path, base_name, e) from e
 
 
 def load_more_adapter(model: Any, path: str | Path, name: str) -> None:
     """Put one more saved PEFT adapter, under `name`, on a model that already holds one (same checks as
     load_adapter)."""
-    base_name = check_adapter(path).get("base_model_name_or_path")
-    weights = Path(path) / ADAPTER_WEIGHTS
-    if weights.is_file() and shape_mismatches(base_model(model), _tensor_shapes(weights)):
-        raise _refuse(path, base_name, "its weight shapes do not match this base model (was it trained on another "
-                                       "base?)")
+    base_name = _checked(model, path)
     try:
         model.load_adapter(str(path), adapter_name=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # peft's refusals, as in load_adapter
-        raise _refuse(path, base_name, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    except PEFT_LOAD_ERRORS as e:
+        raise _refuse(path, base_name, e) from e
+
+
+def _refuse(path: str | Path, base_name: str | None, why: str | Exception) -> DesktuneError:
+    detail = why if isinstance(why, str) else str(why).splitlines()[0] if str(why) else type(why).__name__
+    if isinstance(why, pickle.UnpicklingError):
+        return DesktuneError(f"the pickled adapter weights hold more than tensors ({unpickle_refusal(why)}); they were "
+                             "not loaded",
+                             where=str(path), fix=f"ask for the adapter as {ADAPTER_WEIGHTS}, or delete it")
+    trained_on = f": {base_name} (the default when --model is left out)" if base_name else \
+        f" (see base_model_name_or_path in {ADAPTER_CONFIG})"
+    return DesktuneError(f"could not load the adapter: {detail}", where=str(path),
+                         fix=f"use the base model the adapter was trained on{trained_on}")
 
 
 # ---------------------------------------------------------------- the fingerprint of a base model

@@ -59,6 +59,16 @@ DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Compute precision.")]
 QuantOpt = Annotated[Quant, typer.Option("--quant", help="Load the base in 4-bit NF4 or 8-bit.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run.")]
 SystemOpt = Annotated[str | None, typer.Option(help="A system message.")]
+AllowPickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Also read weights or trainer state stored as pickles (.bin, .pt): only from a source "
+    "you trust (loading a pickle can run code; desktune then uses torch.load(weights_only=True)).")]
+
+
+def _trust(allow_pickle: bool) -> None:
+    """Pass --allow-pickle on to everything this command loads (desktune.safety)."""
+    from desktune.safety import allow_pickle as allow
+
+    allow(allow_pickle)
 
 
 def _version(show: bool) -> None:
@@ -113,6 +123,7 @@ def train(
     accept_changes: Annotated[
         bool, typer.Option("--accept-changes", help="Resume even though the config or data changed.")
     ] = False,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Train a LoRA/QLoRA adapter as a YAML config describes.
 
@@ -121,6 +132,7 @@ def train(
 
     Example: desktune train examples/demo.yaml -o train.max_steps=20 -o lora.r=8
     """
+    _trust(allow_pickle)
     from desktune.config import load_config
     from desktune.training.loop import train as run_train
     from desktune.training.signals import TrainingInterrupted
@@ -214,6 +226,7 @@ def generate(
     dtype: DtypeOpt = Dtype.auto,
     quant: QuantOpt = Quant.none,
     device: DeviceOpt = Device.auto,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Answer one prompt (streamed) or a file of prompts (in batches), with or without an adapter.
 
@@ -223,6 +236,7 @@ def generate(
     Example: desktune generate "Who are you?" --adapter runs/demo/adapter
     Example: desktune generate --prompts questions.txt --out answers.jsonl --adapter runs/demo/adapter
     """
+    _trust(allow_pickle)
     import json
 
     from desktune.inference import answer_prompts, conversation, load_for_inference, prompt_rows, reply, write_jsonl
@@ -260,6 +274,7 @@ def chat(
     dtype: DtypeOpt = Dtype.auto,
     quant: QuantOpt = Quant.none,
     device: DeviceOpt = Device.auto,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Chat in the terminal with a model, with or without an adapter (answers stream as they are made).
 
@@ -270,6 +285,7 @@ def chat(
     /exit (or Ctrl-D) leaves.
     Example: desktune chat --adapter runs/demo/adapter
     """
+    _trust(allow_pickle)
     from desktune.inference import ChatSession, base_name, chat_loop, load_for_inference
 
     name = base_name(model, adapter)  # a bad adapter folder is reported before the base loads
@@ -300,6 +316,7 @@ def merge(
     into: IntoOpt = None,
     force_base: Annotated[bool, typer.Option("--force-base", help="Merge even when the base does not match the "
                                              "adapters' recorded base (fingerprint or name).")] = False,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Merge one or more adapters, weighted, into their base and save a plain transformers model folder.
 
@@ -310,6 +327,7 @@ def merge(
     The folder holds safetensors weights, tokenizer and chat template.
     Example: desktune merge runs/a/adapter runs/b/adapter --weights 0.7,0.3 -o merged/
     """
+    _trust(allow_pickle)
     from desktune.export.merge import merge_adapter, parse_weights
 
     folder = merge_adapter(adapters, output, model=model, dtype=dtype.value, weights=parse_weights(weights),
@@ -343,6 +361,7 @@ def export_gguf(
                          ] = True,
     ollama_from: Annotated[str | None, typer.Option("--from", help="--adapter-only: the base for the Modelfile's "
                                                     "FROM (a base GGUF file, or an Ollama model name).")] = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Write a GGUF file for llama.cpp, Ollama and LM Studio, with the gguf package alone (no llama.cpp build).
 
@@ -353,6 +372,7 @@ def export_gguf(
     template has an exact Ollama translation, PARAMETER stop for each end-of-generation token.
     Example: desktune export gguf runs/demo --out demo.gguf --type q8_0
     """
+    _trust(allow_pickle)
     from desktune.export.gguf import export_gguf as run_export
     from desktune.units import human_bytes
 
@@ -383,11 +403,13 @@ def evaluate(
     device: DeviceOpt = Device.auto,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where the JSON goes (default: "
                                                 "RUN_DIR/eval.json).")] = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Held-out loss and perplexity base vs tuned, forgetting, the cost of 4-bit loading, and answers.
 
     Example: desktune eval runs/demo
     """
+    _trust(allow_pickle)
     from desktune.evaluation.render import render
     from desktune.evaluation.run import EvalRequest, output_path
     from desktune.evaluation.run import evaluate as run_eval
@@ -444,6 +466,7 @@ def serve(
     dtype: DtypeOpt = Dtype.auto,
     quant: QuantOpt = Quant.none,
     device: DeviceOpt = Device.auto,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Serve a base model and its adapters over an OpenAI-compatible HTTP API (chat, completions, models).
 
@@ -451,6 +474,7 @@ def serve(
     Example: desktune serve --adapter pirate=runs/demo/adapter, then any OpenAI client with
     base_url http://127.0.0.1:8000/v1 and model "pirate".
     """
+    _trust(allow_pickle)
     from desktune.serving import Limits, ServeSettings, parse_adapters
     from desktune.serving.server import serve as run_server
 

@@ -75,7 +75,7 @@ def convert_gguf(gguf: Path, name: str | None = None, dtype: torch.dtype = torch
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    _load_every_tensor(model, loaded.state_dict(), gguf)
     model.tie_weights()
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
@@ -96,14 +96,34 @@ def _read_gguf(gguf: Path) -> tuple[Any, Any]:
     folder, fname = str(gguf.parent), gguf.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        loaded, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32,
+                                                            output_loading_info=True)
     except Exception as e:
         # tokenizers (Rust) raises a plain Exception, no subclass, for a vocabulary it cannot build
         if not isinstance(e, _GGUF_ERRORS) and type(e) is not Exception:
             raise
         raise DesktuneError(f"could not read the GGUF file: {e}", where=str(gguf),
                             fix="check the file is a complete GGUF of a supported architecture") from e
+    _refuse_unmapped(info.get("missing_keys") or [], info.get("unexpected_keys") or [], gguf)
     return tokenizer, loaded
+
+
+def _refuse_unmapped(missing: list[str] | set[str], unexpected: list[str] | set[str], gguf: Path) -> None:
+    """A tensor the model needs that the file does not hold (it would stay random), or one the model has no place
+    for, is an error naming them (a few of each)."""
+    if not missing and not unexpected:
+        return
+    parts = [f"{what} {len(names)}: {', '.join(sorted(names)[:5])}{' ...' if len(names) > 5 else ''}"
+             for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    raise DesktuneError(f"the GGUF's tensors do not match its architecture ({'; '.join(parts)}): a missing tensor "
+                        "would stay random", where=str(gguf),
+                        fix="export the GGUF again from the original model, or use the model's Hugging Face folder")
+
+
+def _load_every_tensor(model: Any, state: dict[str, torch.Tensor], gguf: Path) -> None:
+    """Copy the converted weights into `model`, all of them and nothing else (strict)."""
+    result = model.load_state_dict(state, strict=False)  # strict by hand: one message naming the tensors
+    _refuse_unmapped(result.missing_keys, result.unexpected_keys, gguf)
 
 
 def embedded_model_dir() -> Path:

@@ -23,6 +23,7 @@ from desktune.models.quantize import (
     load_time_config,
     quantize_in_place,
 )
+from desktune.safety import is_pickle, pickle_allowed, refuse_pickle
 from desktune.units import human_bytes
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -129,7 +130,16 @@ def _check_architecture(raw: dict[str, Any], cfg: Path, source: str, trust_remot
         raise DesktuneError("config.json has no 'model_type', so the architecture is unknown", where=str(cfg),
                             fix="restore the model folder from its source")
     model_type = raw["model_type"]
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if not known and isinstance(auto_map, dict) and auto_map:
+        refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+        files = sorted({r.split("--")[-1].split(".")[0] + ".py" for r in refs})
+        raise DesktuneError(
+            f"this model needs its own Python code to load ({', '.join(files)}, named by auto_map in config.json), "
+            "and desktune runs no code from a model unless asked", where=source,
+            fix="read that code first; if you trust it, set model.trust_remote_code: true in the run config "
+            "(-o model.trust_remote_code=true)")
+    if not known:
         raise DesktuneError(
             f"could not load the model: transformers {__version__} does not know the architecture {model_type!r} "
             "(model_type in config.json)", where=source,
@@ -224,11 +234,27 @@ def _check_folder(path: Path, trust_remote_code: bool) -> None:
     cfg = path / "config.json"
     _check_architecture(_read_config(cfg), cfg, str(path), trust_remote_code)
     weights = sorted(path.glob("*.safetensors"))
-    if not weights and not any(path.glob("*.bin")):
-        raise DesktuneError("holds no weights (*.safetensors or *.bin)", where=str(path),
+    pickles = sorted(p for p in path.glob("*") if p.is_file() and is_pickle(p) and p.name.startswith("pytorch_model"))
+    if not weights and not pickles:
+        raise DesktuneError("holds no weights (*.safetensors or pytorch_model*.bin)", where=str(path),
                             fix="copy the model's weight files into the folder")
+    if not weights:
+        refuse_pickle(pickles, "model's weights", path, convert=_CONVERT_MODEL)
     for file in weights:
         check_safetensors(file, "model", fix="download or copy it again from the model's source")
+
+
+_CONVERT_MODEL = ("use the model's safetensors release, or convert it once where you trust it "
+                  "(AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR2, safe_serialization=True))")
+
+
+def _check_hub_pickles(repo_id: str) -> None:
+    """Refuse a cached hub model whose weights are only pickles (before transformers would unpickle them)."""
+    if any(_in_hub_cache(repo_id, name) for name in ("model.safetensors", "model.safetensors.index.json")):
+        return
+    pickles = [p for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+               if (p := _in_hub_cache(repo_id, name)) is not None]
+    refuse_pickle(pickles, "model's weights", repo_id, convert=_CONVERT_MODEL)
 
 
 def load_tokenizer(source: str) -> Any:
@@ -292,6 +318,7 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None,
         _check_folder(Path(source), cfg.trust_remote_code)
     elif (cached := _cached_hub_config(source)) is not None:
         _check_architecture(cached[0], cached[1], source, cfg.trust_remote_code)
+        _check_hub_pickles(source)
     if not local:
         announce_download(source, log or _stderr)
     backend = choose_backend(quant, hw.device.type)
@@ -299,6 +326,7 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None,
         "dtype": hw.dtype,
         "attn_implementation": cfg.attn_implementation,
         "trust_remote_code": cfg.trust_remote_code,
+        "use_safetensors": None if pickle_allowed() else True,  # never unpickle weights the user did not allow
     }
     bnb = load_time_config(quant, cfg.double_quant, hw.dtype, hw.device.type)
     if bnb is not None:

@@ -16,7 +16,9 @@ An adapter folder (adapter/ or a checkpoint) is a PEFT adapter plus desktune's o
       chat_template.jinja      the template used in training
       desktune.json            what trained it (version, base, quantization, step)
       base_fingerprint.json    the base's tensor names, shapes and sampled values (merge checks the base)
-      trainer_state.pt         checkpoints only: what an exact resume needs (training/state.py)
+      trainer_state.json       checkpoints only: what an exact resume needs (training/state.py), as JSON
+      trainer_state.safetensors  ... and its tensors (optimizer moments, RNG states); no pickle anywhere
+      .desktune-checkpoint     checkpoints only: the marker that desktune made this folder (pruning needs it)
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"  # older PEFT adapters
 CHAT_TEMPLATE = "chat_template.jinja"
 META = "desktune.json"
 BASE_FINGERPRINT = "base_fingerprint.json"
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_state.safetensors"
+TRAINER_STATE_PICKLE = "trainer_state.pt"  # older desktune checkpoints: a pickle (read only when allowed)
+CHECKPOINT_MARKER = ".desktune-checkpoint"
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -63,8 +68,10 @@ def checkpoint_step(folder: Path) -> int | None:
 
 def is_complete_checkpoint(folder: Path) -> bool:
     """A finished resumable checkpoint (folders being written start with '.' and are never complete)."""
-    return (checkpoint_step(folder) is not None and (folder / TRAINER_STATE).is_file()
-            and (folder / ADAPTER_WEIGHTS).is_file() and (folder / ADAPTER_CONFIG).is_file())
+    state = ((folder / TRAINER_STATE).is_file() and (folder / TRAINER_TENSORS).is_file()) or \
+        (folder / TRAINER_STATE_PICKLE).is_file()
+    return (checkpoint_step(folder) is not None and state and (folder / ADAPTER_WEIGHTS).is_file()
+            and (folder / ADAPTER_CONFIG).is_file())
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,8 @@ class RunDir:
         """Every step-N folder under checkpoints/, oldest step first (complete or not)."""
         if not self.checkpoints.is_dir():
             return []
-        found = [p for p in self.checkpoints.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        found = [p for p in self.checkpoints.iterdir()
+                 if p.is_dir() and not p.is_symlink() and checkpoint_step(p) is not None]
         return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
     def latest_checkpoint(self) -> Path | None:
@@ -127,8 +135,9 @@ class RunDir:
         return done[-1] if done else None
 
     def prune_checkpoints(self, keep_last: int) -> list[Path]:
-        """Delete all but the newest `keep_last` step-N folders; returns the deleted ones."""
-        steps = self.step_folders()
+        """Delete all but the newest `keep_last` step-N folders desktune made (they hold CHECKPOINT_MARKER; never a
+        symlink or a user's folder that happens to match the name); returns the deleted ones."""
+        steps = [p for p in self.step_folders() if (p / CHECKPOINT_MARKER).is_file()]
         doomed = steps[:-keep_last] if keep_last > 0 else steps
         for p in doomed:
             shutil.rmtree(p, ignore_errors=True)
@@ -139,10 +148,25 @@ class RunDir:
         return [p.name for p in self.path.iterdir()] == [CONFIG]
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@-]{0,127}$")
+
+
+def check_run_name(name: str) -> str:
+    """`name` when it names one folder inside output_dir (no '/', '\\', '..', absolute path or leading '.')."""
+    if not _RUN_NAME.match(name) or ".." in name:
+        raise DesktuneError(f"not a usable run name: {name!r} (a run name is one folder inside output_dir)",
+                            where="run_name", fix="use letters, digits and . _ - + = @ (no '/', no '..', "
+                            "not starting with '.'); put the runs elsewhere with output_dir")
+    return name
+
+
 def new_run_dir(output_dir: str | Path, run_name: str | None) -> RunDir:
     """Create OUTPUT_DIR/RUN_NAME (a timestamp when unnamed); refuse a named folder that already holds a run."""
-    name = run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = check_run_name(run_name) if run_name else datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(output_dir) / name
+    if path.is_symlink():
+        raise DesktuneError("the run folder is a symbolic link: desktune writes runs only into folders it makes",
+                            where=str(path), fix="choose another run_name (-o run_name=...) or remove the link")
     if path.exists() and any(path.iterdir()):
         if run_name:
             raise DesktuneError("the run folder already holds a run", where=str(path),
@@ -163,7 +187,7 @@ def find_checkpoint(output_dir: str | Path, run_name: str | None, resume: str | 
     """The checkpoint to resume: a checkpoint folder, a run folder's latest, or (True) the latest run's latest."""
     if resume is True:
         root = Path(output_dir)
-        candidates = [root / run_name] if run_name else sorted(
+        candidates = [root / check_run_name(run_name)] if run_name else sorted(
             (p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
         for path in candidates:
             found = RunDir(path).latest_checkpoint() if path.is_dir() else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from desktune.adapters import check_adapter, load_adapter
+from desktune.adapters import check_adapter, load_adapter, load_more_adapter
 from desktune.constants import EMBEDDED_MODEL
 from desktune.errors import DesktuneError
 from desktune.inference import load_for_inference
@@ -72,18 +72,12 @@ def stop_ids(model: Any, tokenizer: Any, template: str | None) -> tuple[int, ...
     return tuple(sorted(ids))
 
 
-def _attach(model: Any, name: str, path: Path, index: int) -> tuple[Any, str]:
+def _attach(model: Any, path: Path, index: int) -> tuple[Any, str]:
     """Put one more adapter on the model; returns the model and the adapter's peft name."""
     if index == 0:
         return load_adapter(model, path), "default"
-    check_adapter(path)
     peft_name = f"adapter-{index}"
-    try:
-        model.load_adapter(str(path), adapter_name=peft_name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DesktuneError(f"could not load the adapter: {detail}", where=f"--adapter {name}={path}",
-                            fix="serve adapters trained on the same base model together") from e
+    load_more_adapter(model, path, peft_name)
     return model, peft_name
 
 
@@ -106,7 +100,7 @@ def load_registry(model: str | None, adapters: dict[str, Path], *, dtype: str = 
                             fix="name it otherwise: --adapter NAME=PATH")
     templates = [(base, None, tok.chat_template)]
     for i, (name, path) in enumerate(adapters.items()):
-        net, peft_name = _attach(net, name, path, i)
+        net, peft_name = _attach(net, path, i)
         templates.append((name, peft_name, _template(path, tok.chat_template)))
     net.eval()
     served = [Served(name, adapter, tmpl, stop_ids(net, tok, tmpl)) for name, adapter, tmpl in templates]

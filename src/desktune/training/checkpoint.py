@@ -6,16 +6,30 @@ Names and places come from runs/layout.py; the atomic write (temporary folder, f
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from desktune.adapters import write_base_fingerprint
+from desktune.errors import DesktuneError
 from desktune.runs.atomic import write_folder_atomically
-from desktune.runs.layout import ADAPTER_WEIGHTS, CHAT_TEMPLATE, META, TRAINER_STATE
-from desktune.training.state import TrainState
+from desktune.runs.layout import (
+    ADAPTER_WEIGHTS,
+    CHAT_TEMPLATE,
+    CHECKPOINT_MARKER,
+    META,
+    TRAINER_STATE,
+    TRAINER_STATE_PICKLE,
+    TRAINER_TENSORS,
+    RunDir,
+)
+from desktune.safety import refuse_pickle, unpickle_refusal
+from desktune.training.state import TrainState, read_state, write_state
 
 
 def _write_adapter(model: Any, tokenizer: Any, folder: Path, base_path: str, meta: dict[str, Any]) -> None:
@@ -35,18 +49,50 @@ def save_adapter(model: Any, tokenizer: Any, out: Path, *, base_path: str, meta:
 
 def save_checkpoint(model: Any, tokenizer: Any, out: Path, *, base_path: str, meta: dict[str, Any],
                     state: TrainState) -> Path:
-    """An adapter folder that also holds the trainer state (optimizer, scheduler, RNG, data position)."""
+    """An adapter folder that also holds the trainer state (optimizer, scheduler, RNG, data position) and the
+    marker that desktune made it."""
 
     def write(tmp: Path) -> None:
         _write_adapter(model, tokenizer, tmp, base_path, meta)
-        torch.save(state.to_dict(), tmp / TRAINER_STATE)
+        write_state(state, tmp / TRAINER_STATE, tmp / TRAINER_TENSORS)
+        (tmp / CHECKPOINT_MARKER).write_text(f"step {state.step}\n", encoding="utf-8")
 
     return write_folder_atomically(out, write)
 
 
+def _earlier(folder: Path) -> str:
+    """What to do about a checkpoint that cannot be resumed: the run's other checkpoints."""
+    others = [p.name for p in RunDir.of_checkpoint(folder).step_folders() if p != folder]
+    return (f"resume from an earlier checkpoint of the run ({', '.join(others)})" if others else
+            "start the run again (no other checkpoint of this run exists)")
+
+
 def load_state(folder: Path) -> TrainState:
-    """The trainer state saved by save_checkpoint (our own file: full unpickling is fine)."""
-    return TrainState.from_dict(torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False))
+    """The trainer state saved by save_checkpoint; an older pickled trainer_state.pt only with --allow-pickle,
+    and then with weights_only=True. A damaged state is a DesktuneError naming the file."""
+    tree, tensors, pickled = folder / TRAINER_STATE, folder / TRAINER_TENSORS, folder / TRAINER_STATE_PICKLE
+    if not tree.is_file() and pickled.is_file():
+        refuse_pickle([pickled], "trainer state", folder, convert=_earlier(folder))
+        return _load_pickled(pickled, folder)
+    try:
+        return read_state(tree, tensors)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DesktuneError(f"the trainer state is damaged or incomplete, so this checkpoint cannot be resumed "
+                            f"({detail})", where=str(tree), fix=_earlier(folder)) from e
+
+
+def _load_pickled(file: Path, folder: Path) -> TrainState:
+    """An older desktune trainer_state.pt through the weights-only unpickler (numpy's RNG state allowed)."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return TrainState.from_dict(torch.load(file, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, TypeError) as e:
+        detail = unpickle_refusal(e)
+        raise DesktuneError(f"the pickled trainer state holds more than tensors and plain values, or is damaged "
+                            f"({detail}); it was not loaded", where=str(file), fix=_earlier(folder)) from e
 
 
 def load_adapter_weights(model: Any, folder: Path) -> None:
