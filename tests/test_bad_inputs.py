@@ -7,9 +7,11 @@ or field, what is wrong), a `Fix:`, no traceback, and that every file that exist
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import register_tiny_hash
 from tests.test_cli import run_main
-from tests.tiny import make_model_dir, tiny_config
+from tests.tiny import CHATML, make_model_dir, tiny_config
 
 BAD = Path(__file__).parent / "bad_inputs"
 
@@ -44,12 +47,13 @@ def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 
 @dataclass
 class Ctx:
-    """What a case can use: its own tmp folder, the tiny models and the trained adapter."""
+    """What a case can use: its own tmp folder, the tiny models, the trained adapter and the test's monkeypatch."""
 
     tmp: Path
     model: Path
     other: Path
     adapter: Path
+    monkeypatch: pytest.MonkeyPatch
 
     def config(self, overlay: dict | None = None, **sections) -> Path:
         """Write a working tiny run config (with `sections` and a deep-merged `overlay`) and return its path."""
@@ -67,6 +71,26 @@ class Ctx:
 
     def adapter_copy(self) -> Path:
         return Path(shutil.copytree(self.adapter, self.tmp / "adapter"))
+
+    def deny(self, path: Path, read: str) -> None:
+        """No read permission on `path`: chmod 000 (what a user other than root meets) and, since root reads
+        anyway, `Path.<read>` of that one path raises the PermissionError the user would get."""
+        real = getattr(Path, read)
+
+        def refused(p, *args, **kwargs):
+            if os.path.abspath(p) == os.path.abspath(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+            return real(p, *args, **kwargs)
+
+        self.monkeypatch.setattr(Path, read, refused)
+        path.chmod(0)
+
+    def trained_run(self, name: str, **sections) -> Path:
+        """A finished run of the tiny config with `sections` (trained here, in process)."""
+        from desktune.config import load_config
+        from desktune.training.loop import train
+
+        return train(load_config(tiny_config(self.model, self.tmp, run_name=name, **sections)), quiet=True).run_dir
 
 
 def _deep_merge(into: dict, extra: dict) -> None:
@@ -250,6 +274,110 @@ def _existing_run(c: Ctx) -> tuple[list[str], list[str], str]:
         "choose another run_name"
 
 
+# ---------------------------------------------------------------- cases: unreadable and damaged files
+
+
+def _config_unreadable(c: Ctx) -> tuple[list[str], list[str], str]:
+    cfg = c.config()
+    c.deny(cfg, "read_text")
+    return ["train", str(cfg)], [f"{cfg}: cannot read the config file: Permission denied"], f"chmod u+r {cfg}"
+
+
+def _template_file(c: Ctx) -> tuple[Path, Path]:
+    template = c.tmp / "chat.jinja"
+    template.write_text(CHATML, encoding="utf-8")
+    return template, c.config({"model": {"chat_template": str(template)}})
+
+
+def _template_unreadable(c: Ctx) -> tuple[list[str], list[str], str]:
+    template, cfg = _template_file(c)
+    c.deny(template, "read_text")
+    return (["train", str(cfg)], [f"{template}: cannot read the chat template file: Permission denied"],
+            f"chmod u+r {template}")
+
+
+def _template_not_utf8(c: Ctx) -> tuple[list[str], list[str], str]:
+    template, cfg = _template_file(c)
+    latin1 = "{# répondre en français #}" + CHATML  # saved by an editor in Latin-1
+    template.write_bytes(latin1.encode("latin-1"))
+    return (["train", str(cfg)], [f"{template}: the chat template file is not UTF-8 text (byte 0xe9 at offset 4)"],
+            "save the template as UTF-8")
+
+
+def _data_folder_unreadable(c: Ctx) -> tuple[list[str], list[str], str]:
+    import datasets
+
+    folder = c.tmp / "saved"
+    argv = c.data(folder)  # writes train.jsonl too: its rows become the saved dataset
+    rows = [json.loads(line) for line in (c.tmp / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    c.deny(folder, "iterdir")
+    return argv, [f"{folder}: cannot read the folder: Permission denied"], f"chmod u+rx {folder}"
+
+
+def _gguf_disk_full(c: Ctx) -> tuple[list[str], list[str], str]:
+    import gguf
+
+    register_tiny_hash(c.monkeypatch)
+    out = c.tmp / "tuned.gguf"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    c.monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    return (["export", "gguf", str(c.adapter), "--out", str(out)],
+            [f"{out}: cannot write the GGUF file (No space left on device)"], "free space on that disk")
+
+
+def _modelfile_disk_full(c: Ctx) -> tuple[list[str], list[str], str]:
+    register_tiny_hash(c.monkeypatch)
+    out = c.tmp / "tuned.gguf"
+    real = Path.write_text
+
+    def full(p, *args, **kwargs):
+        if ".Modelfile" in Path(p).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(p, *args, **kwargs)
+
+    c.monkeypatch.setattr(Path, "write_text", full)
+    return (["export", "gguf", str(c.adapter), "--out", str(out)],
+            [f"{out.with_suffix('.Modelfile')}: cannot write the Modelfile (No space left on device)"],
+            "free space on that disk")
+
+
+def _damaged_metrics(c: Ctx, damage: Callable[[list[bytes]], tuple[list[bytes], int]], said: str
+                     ) -> tuple[list[str], list[str], str]:
+    """Resume a run whose metrics.jsonl `damage` changed; it returns the new lines and the damaged line's number."""
+    sections = {"data": {"val_fraction": 0.0}, "checkpoint": {"every": 2}}
+    run = c.trained_run("crashed", **sections)
+    metrics = run / "metrics.jsonl"
+    lines, bad = damage(metrics.read_bytes().splitlines(keepends=True))
+    metrics.write_bytes(b"".join(lines))
+    argv = ["train", str(c.config(run_name="crashed", **sections)), "--resume", str(run)]
+    return argv, [f"{metrics}:{bad}: line {bad} is not a desktune record ({said}"], f"delete or repair line {bad}"
+
+
+def _metrics_binary_junk(c: Ctx) -> tuple[list[str], list[str], str]:
+    junk = bytes(range(0x80, 0xA0)) + b"\n"  # bytes no UTF-8 text has, in the middle of the record
+    return _damaged_metrics(c, lambda lines: ([*lines[:2], junk, *lines[2:]], 3), "not UTF-8 text")
+
+
+def _metrics_complete_last_line_damaged(c: Ctx) -> tuple[list[str], list[str], str]:
+    # its newline was written, so no kill tore it: a damaged line, not the torn end of a crashed run
+    return _damaged_metrics(c, lambda lines: ([*lines, b'{"type": "train", "st\n'], len(lines) + 1),
+                            "Unterminated string")
+
+
+# ---------------------------------------------------------------- cases: silently accepted before
+
+
+def _override_into_a_list(c: Ctx) -> tuple[list[str], list[str], str]:
+    cfg = c.config(_overlay("list_section.yaml"))
+    return (["train", str(cfg), "-o", "lora.r=4"],
+            ["-o lora.r=4: 'lora' is a list in the config, not a section of keys"],
+            "write the section's keys without '- '")
+
+
 def _whole_config(name: str, said: str, fix: str, where: str = "") -> Case:
     return Case(lambda c: (["train", str(BAD / name)], [f"{BAD / name}{where}: {said}"], fix))
 
@@ -328,10 +456,80 @@ CASES: dict[str, Case] = {
                                       [f"{c.tmp / 'run.yml'}: config file not found"], "check the path")),
     "config_not_yaml": _whole_config("not_yaml.yaml", "invalid YAML: expected ',' or ']', but got ':'",
                                      "correct the YAML syntax", where=":5"),
+    "empty_target_modules": _overlay_case(
+        "empty_target_modules.yaml", ["'lora.target_modules': names no module (got [])"],
+        "set lora.target_modules to a list of the layers to adapt (such as q_proj, v_proj), or to 'all-linear'"),
+    "override_into_a_list_section": Case(_override_into_a_list),
+    "tool_calls": _data_case(
+        "tool_calls.jsonl", ":2", "message 2 has 'tool_calls': desktune does not train on tool calls",
+        "remove the tool calls (and 'tool' turns) from the data"),
+    "config_unreadable": Case(_config_unreadable),
+    "chat_template_unreadable": Case(_template_unreadable),
+    "chat_template_not_utf8": Case(_template_not_utf8),
+    "data_folder_unreadable": Case(_data_folder_unreadable),
+    "gguf_disk_full": Case(_gguf_disk_full),
+    "gguf_modelfile_disk_full": Case(_modelfile_disk_full),
+    "metrics_binary_junk_on_resume": Case(_metrics_binary_junk),
+    "metrics_complete_last_line_damaged": Case(_metrics_complete_last_line_damaged),
     "config_not_a_mapping": _whole_config("not_a_mapping.yaml",
                                           "the config must be a mapping of sections, not a single value",
                                           "see examples/demo.yaml"),
 }
+
+
+# ---------------------------------------------------------------- cases: safe loading (tests/test_safety.py has more)
+
+
+def _adapter_config_unreadable(c: Ctx) -> tuple[list[str], list[str], str]:
+    adapter = c.adapter_copy()
+    c.deny(adapter / "adapter_config.json", "read_text")
+    return (["generate", "hi", "--adapter", str(adapter)],
+            [f"{adapter / 'adapter_config.json'}: cannot read the file (Permission denied)"], "chmod u+r")
+
+
+def _adapter_config_a_list(c: Ctx) -> tuple[list[str], list[str], str]:
+    adapter = c.adapter_copy()
+    (adapter / "adapter_config.json").write_text('[{"peft_type": "LORA"}]\n')
+    return (["merge", str(adapter), "-o", str(c.tmp / "merged")],
+            [f"{adapter / 'adapter_config.json'}: not a JSON object (a list)"], "restore the adapter folder")
+
+
+def _trainer_state_damaged(c: Ctx) -> tuple[list[str], list[str], str]:
+    run = c.trained_run("ckpt", checkpoint={"every": 2}, data={"val_fraction": 0.0})
+    point = run / "checkpoints" / "step-000002"
+    state = point / "trainer_state.json"
+    state.write_text(state.read_text()[:200])  # cut short
+    return (["train", str(c.config(run_name="ckpt")), "--resume", str(point)],
+            [f"{state}: the trainer state is damaged or incomplete, so this checkpoint cannot be resumed"],
+            "start the run again (no other checkpoint of this run exists)")
+
+
+def _flash_attention_missing(c: Ctx) -> tuple[list[str], list[str], str]:
+    cfg = c.config({"model": {"attn_implementation": "flash_attention_2"}})
+    return (["train", str(cfg)], ["model.attn_implementation: flash_attention_2 was asked for, but it cannot be used"],
+            "or set model.attn_implementation: sdpa")
+
+
+def _out_of_memory_loading(c: Ctx) -> tuple[list[str], list[str], str]:
+    import torch
+    import transformers
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    c.monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", oom)
+    return (["train", str(c.config())],
+            [f"{c.model}: out of memory while loading the model (CUDA out of memory. Tried to allocate 20.00 GiB)"],
+            "load the base in 4 bit (model.quant: nf4)")
+
+
+CASES.update({
+    "adapter_config_unreadable": Case(_adapter_config_unreadable),
+    "adapter_config_a_list": Case(_adapter_config_a_list),
+    "trainer_state_damaged_on_resume": Case(_trainer_state_damaged),
+    "flash_attention_missing": Case(_flash_attention_missing),
+    "out_of_memory_while_loading": Case(_out_of_memory_loading),
+})
 
 
 def _snapshot(*roots: Path) -> dict[str, str]:
@@ -339,7 +537,10 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     seen: dict[str, str] = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
-            seen[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+            try:
+                seen[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+            except PermissionError:  # a case's unreadable file (a user other than root): its size and time
+                seen[str(p)] = f"<unreadable {p.stat().st_size} {p.stat().st_mtime_ns}>"
     return seen
 
 
@@ -355,7 +556,7 @@ def _earlier_run(tmp: Path, adapter: Path) -> Path:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_with_message_and_fix(name, monkeypatch, capsys, tmp_path, tiny_model_dir,
                                                other_model_dir, tiny_adapter):
-    ctx = Ctx(tmp=tmp_path, model=tiny_model_dir, other=other_model_dir, adapter=tiny_adapter)
+    ctx = Ctx(tmp=tmp_path, model=tiny_model_dir, other=other_model_dir, adapter=tiny_adapter, monkeypatch=monkeypatch)
     _earlier_run(tmp_path, tiny_adapter)
     argv, said, fix = CASES[name].build(ctx)
     before = _snapshot(tmp_path, tiny_model_dir, other_model_dir, tiny_adapter.parent, BAD)
@@ -372,3 +573,71 @@ def test_bad_input_exits_2_with_message_and_fix(name, monkeypatch, capsys, tmp_p
     assert "Fix:" in err, err
     assert " ".join(fix.split()) in flat.split("Fix:", 1)[1], f"expected fix {fix!r} in:\n{err}"
     assert _snapshot(tmp_path, tiny_model_dir, other_model_dir, tiny_adapter.parent, BAD) == before
+
+
+# ---------------------------------------------------------------- what a failed command leaves for the next one
+
+
+def test_a_run_that_fails_in_setup_leaves_no_folder_and_the_name_stays_free(monkeypatch, capsys, tmp_path,
+                                                                              tiny_model_dir):
+    from desktune import cli
+    from desktune.training import loop
+
+    ctx = Ctx(tmp=tmp_path, model=tiny_model_dir, other=tiny_model_dir, adapter=tmp_path, monkeypatch=monkeypatch)
+    run = tmp_path / "runs" / "again"
+    code, _, err = run_main(monkeypatch, capsys, "train", str(ctx.config(_overlay("empty_target_modules.yaml"),
+                                                                         run_name="again")))
+    assert code == 2 and "lora.target_modules" in err and not run.exists()
+
+    def peft_refuses(*args, **kwargs):  # what peft raises for target modules it cannot find
+        raise ValueError("Target modules set() not found in the base model.")
+
+    good = ctx.config(run_name="again", train={"max_steps": 1})
+    monkeypatch.setattr(loop, "attach_lora", peft_refuses)
+    monkeypatch.setattr("sys.argv", ["desktune", "train", str(good)])
+    with pytest.raises(ValueError, match="not found in the base model"):
+        cli.main()
+    assert not run.exists()  # setup failed before anything trained: no half-made run folder
+    monkeypatch.undo()
+    code, _, err = run_main(monkeypatch, capsys, "train", str(good))
+    assert code == 0, err
+    assert "already holds a run" not in err and (run / "adapter").is_dir()
+
+
+def test_a_torn_last_line_of_metrics_is_dropped_on_resume(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """A kill mid-write leaves the last line without its newline: resume drops it and redoes what it described."""
+    from desktune import cli
+    from desktune.runs import TrainRecord, read_records, records_of
+    from tests.tiny import crash_at
+
+    ctx = Ctx(tmp=tmp_path, model=tiny_model_dir, other=tiny_model_dir, adapter=tmp_path, monkeypatch=monkeypatch)
+    cfg = ctx.config(run_name="torn", data={"val_fraction": 0.0}, checkpoint={"every": 2})
+    crash_at(monkeypatch, 3)
+    monkeypatch.setattr("sys.argv", ["desktune", "train", str(cfg)])
+    with pytest.raises(RuntimeError, match="power cut"):
+        cli.main()
+    monkeypatch.undo()
+    metrics = tmp_path / "runs" / "torn" / "metrics.jsonl"
+    with metrics.open("ab") as f:
+        f.write(b'{"type": "train", "time_s": 1.5, "step": 3, "lo')  # torn by the kill
+    code, _, err = run_main(monkeypatch, capsys, "train", str(cfg), "--resume", str(metrics.parent))
+    assert code == 0, err
+    assert metrics.read_bytes().endswith(b"\n")
+    assert [r.step for r in records_of(read_records(metrics), TrainRecord)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("tail", [b'{"type": "train", "step": 3, "lo', b"\x00" * 64, b"\x89\xfe\x00junk"])
+def test_only_an_unterminated_last_line_is_taken_for_a_torn_write(tmp_path, tail):
+    """A kill or a power cut mid-write leaves the last line without its newline (text cut short, or NUL bytes):
+    dropped. The same bytes with their newline are damage: an error naming file:line."""
+    from desktune.errors import DesktuneError
+    from desktune.runs import read_records
+
+    metrics = tmp_path / "metrics.jsonl"
+    good = b"".join(json.dumps({"type": "eval", "time_s": 0.0, "step": s, "val_loss": 1.0, "val_tokens": 3}).encode()
+                    + b"\n" for s in (0, 2))
+    metrics.write_bytes(good + tail)
+    assert [r.step for r in read_records(metrics)] == [0, 2]
+    metrics.write_bytes(good + tail + b"\n")
+    with pytest.raises(DesktuneError, match=r"metrics.jsonl:3: line 3 is not a desktune record"):
+        read_records(metrics)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,19 +127,25 @@ def test_changed_data_or_config_is_refused_unless_accepted(tiny_model_dir, tmp_p
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
     cfg = _cfg(tiny_model_dir, tmp_path, "disk")
-    real_save = torch.save
+    run = RunDir(tmp_path / "runs" / "disk")
+    real_write = Path.write_text
 
-    def full_disk(obj, path, *a, **k):
-        if "step-000004" in str(path) or ".step-000004" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *a, **k)
+    def full_disk(path, *a, **k):  # the disk fills while step 4's checkpoint is written (into its temporary folder)
+        if "step-000004" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, *a, **k)
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(DesktuneError) as e:
         train(cfg, quiet=True)
-    folders = sorted(p.name for p in (tmp_path / "runs" / "disk" / "checkpoints").iterdir())
-    assert folders == ["step-000002"]  # no half-written step-4, no temporary folder left
-    assert RunDir(tmp_path / "runs" / "disk").latest_checkpoint().name == "step-000002"
+    assert str(e.value).startswith(f"{run.checkpoint(4)}: cannot write the checkpoint (No space left on device)")
+    assert "free space on that disk" in str(e.value) and f"the last checkpoint, {run.checkpoint(2)}, is intact" \
+        in str(e.value)
+    assert isinstance(e.value.__cause__, OSError)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-000002"]  # no half-written step-4, no temp
+    assert run.latest_checkpoint().name == "step-000002" and is_complete_checkpoint(run.checkpoint(2))
+    monkeypatch.undo()
+    assert train(cfg, quiet=True, resume=True).steps == STEPS  # room again: it continues from step 2
 
 
 def test_non_finite_steps_are_skipped_then_diagnosed(tiny_model_dir, tmp_path, monkeypatch):

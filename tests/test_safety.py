@@ -396,3 +396,19 @@ def test_pruning_deletes_only_checkpoints_desktune_made(finished, tmp_path):
     assert deleted == made[:-1]
     assert (users / "notes.txt").read_text() == "mine" and (elsewhere / CHECKPOINT_MARKER).is_file()
     assert made[-1].is_dir()
+
+
+def test_a_gguf_whose_path_is_not_utf8_converts(gguf_tiny, tmp_path, known_tiny, monkeypatch):
+    """A file name in another encoding (bytes that are not UTF-8) is a valid Linux path: it converts, and the
+    converted folder gets an ASCII name the tokenizer library can write under."""
+    import os
+
+    from desktune.export.gguf import export_gguf
+    from desktune.models.gguf import convert_gguf
+
+    path = export_gguf(gguf_tiny.base, tmp_path / "plain.gguf", qtype="f32").path
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path) + b"/mod\xe9le.gguf"))
+    path.rename(latin1)
+    monkeypatch.setenv("DESKTUNE_CACHE", str(tmp_path / "cache"))
+    folder = convert_gguf(latin1)
+    assert folder.name.isascii() and (folder / "model.safetensors").is_file()

@@ -220,7 +220,7 @@ def _fake_liger(monkeypatch, *, fail: bool = False) -> list[str]:
 def _liger_patches(model) -> list[str]:
     base = model.get_base_model()
     found = []
-    if modeling_llama.apply_rotary_pos_emb.__name__ == "<lambda>":
+    if getattr(modeling_llama.apply_rotary_pos_emb, "__name__", None) == "<lambda>":  # transformers 5.x: a Func module
         found.append("rope global")
     if hasattr(modeling_llama, "liger_patched"):
         found.append("new global")

@@ -31,6 +31,11 @@ _NEEDED = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", 
            "messages": ("messages",), "text": ("text",)}
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 _DETECT_ROWS = 5
+# OpenAI-style tool use, which no converter renders: refused rather than dropped
+_TOOL_KEYS = ("tool_calls", "function_call")
+_TOOL_ROLES = {"tool", "function", "ipython", "observation", "function_call"}
+_TOOLS_FIX = ("remove the tool calls (and 'tool' turns) from the data, or write each call into the assistant's "
+              "'content' as the exact text the model should produce")
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,10 @@ def _turn(turn: Any, i: int, where: str) -> dict[str, str]:
             fix='write each turn as {"role": ..., "content": ...} or {"from": ..., "value": ...}',
         )
     role = turn.get("role", turn.get("from"))
+    calls = next((k for k in _TOOL_KEYS if turn.get(k)), None)
+    if calls is not None:  # dropping them would train the text around a call the model never sees
+        raise DesktuneError(f"message {i} has '{calls}': desktune does not train on tool calls, and leaving "
+                            "them out would teach the reply without the call", where=where, fix=_TOOLS_FIX)
     if "content" in turn:
         content = turn["content"]
     elif "value" in turn:
@@ -254,10 +263,11 @@ def _turn(turn: Any, i: int, where: str) -> dict[str, str]:
         )
     if not isinstance(role, str) or role.strip().lower() not in ROLES:
         shown = repr(role) if isinstance(role, str) else kind_of(role)
+        tool = isinstance(role, str) and role.strip().lower() in _TOOL_ROLES
         raise DesktuneError(
-            f"message {i} has unknown role {shown}",
+            f"message {i} has unknown role {shown}" + (" (a tool's result: tool use is not trained)" if tool else ""),
             where=where,
-            fix="roles are system, user, assistant (sharegpt: system, human, gpt)",
+            fix=_TOOLS_FIX if tool else "roles are system, user, assistant (sharegpt: system, human, gpt)",
         )
     text = _text(content, f"content of message {i}", where)
     return {"role": ROLES[role.strip().lower()], "content": text}

@@ -221,14 +221,18 @@ def _read_parquet(p: Path) -> list[RawRow]:
 
 def _read_saved_dataset(p: Path) -> list[RawRow]:
     """Rows of a folder written by Dataset.save_to_disk (a DatasetDict: its 'train' split)."""
-    is_dict = (p / "dataset_dict.json").is_file()
-    if not is_dict and not (p / "state.json").is_file():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in {*_JSONL, ".json", ".csv",
-                                                                                       ".parquet"})
+    try:
+        entries = sorted(p.iterdir())
+    except OSError as e:
+        raise DesktuneError(f"cannot read the folder: {e.strerror or e}", where=str(p),
+                            fix=f"make it readable (chmod u+rx {p}), or point data.train at a data file") from e
+    names = {f.name for f in entries}
+    if "dataset_dict.json" not in names and "state.json" not in names:
+        files = [f for f in entries if f.is_file() and f.suffix.lower() in {*_JSONL, ".json", ".csv", ".parquet"}]
         fix = _SUPPORTED_FIX
         if files:
             fix = f"set data.train (or data.val) to a data file instead, such as {files[0]}"
-        elif not any(p.iterdir()):
+        elif not entries:
             fix = f"the folder is empty; {_SUPPORTED_FIX}"
         raise DesktuneError("folder is not a dataset saved with save_to_disk", where=str(p), fix=fix)
     import datasets
@@ -242,7 +246,8 @@ def _read_saved_dataset(p: Path) -> list[RawRow]:
         raise DesktuneError(
             f"cannot load the saved dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
             where=str(p),
-            fix="re-save it with Dataset.save_to_disk",
+            fix=f"make its files readable (chmod -R u+rX {p})" if isinstance(e, PermissionError)
+            else "re-save it with Dataset.save_to_disk",
         ) from e
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:

@@ -75,6 +75,22 @@ def _check_jinja(source: str, where: str) -> str:
     return source
 
 
+def _read_template(path: Path) -> str:
+    """The text of a .jinja template file; a missing, unreadable or non-UTF-8 file raises DesktuneError."""
+    if not path.is_file():
+        raise DesktuneError("chat template file not found", where=str(path), fix="check the path")
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DesktuneError(f"cannot read the chat template file: {e.strerror or e}", where=str(path),
+                            fix=f"make it readable (chmod u+r {path}), or set model.chat_template to a "
+                            "built-in") from e
+    except UnicodeDecodeError as e:
+        raise DesktuneError(
+            f"the chat template file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+            where=str(path), fix="save the template as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8 IN > OUT)") from e
+
+
 def _from_config(value: str) -> str:
     """A template named in config: a built-in name, a .jinja file, or a Jinja string."""
     key = value.strip().lower()
@@ -84,9 +100,7 @@ def _from_config(value: str) -> str:
         return _check_jinja(value, "model.chat_template")
     if key.endswith((".jinja", ".j2")):
         path = Path(value.strip())
-        if not path.is_file():
-            raise DesktuneError("chat template file not found", where=str(path), fix="check the path")
-        return _check_jinja(path.read_text(encoding="utf-8"), str(path))
+        return _check_jinja(_read_template(path), str(path))
     raise DesktuneError(
         f"unknown chat template '{value}'",
         where="model.chat_template",

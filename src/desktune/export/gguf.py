@@ -2,12 +2,14 @@
 
 The base is loaded in 16 bit or more (never from quantized weights), the adapter merged in, and the file written
 with the `gguf` package alone (no llama.cpp build): tensors streamed one at a time into a temporary file that is
-fsynced and renamed, so the output name only ever holds a complete file. `--adapter-only` writes the LoRA adapter
-as a GGUF adapter (gguf_adapter.py). What cannot be written exactly is refused before anything is written.
+fsynced and renamed (with its Modelfile), so the output name only ever holds a complete file. `--adapter-only`
+writes the LoRA adapter as a GGUF adapter (gguf_adapter.py). What cannot be written exactly is refused before
+anything is written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -80,27 +82,64 @@ def resolve_source(source: Path) -> tuple[str, Path]:
                         fix=f"pass a run folder, a folder with {ADAPTER_CONFIG}, or a model folder with config.json")
 
 
-def write_file_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Let `write` fill a temporary sibling file, fsync it, and rename it to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
+@dataclass(frozen=True)
+class OutputFile:
+    """A file an export writes: where, what to call it in a message, and the function that fills a path."""
+
+    path: Path
+    what: str
+    write: Callable[[Path], None]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        os.fsync(fd)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _cannot_write(f: OutputFile, e: OSError, done: list[Path] | None = None) -> DesktuneError:
+    """One message for a failed write of `f`; `done`: the outputs already renamed into place."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = ("free space on that disk, or choose --out on a disk with room" if full
+           else "choose a writable place for --out")
+    written = f"only {', '.join(map(str, done))} was written" if done else "nothing was written"
+    return DesktuneError(f"cannot write {f.what} ({e.strerror or e})", where=str(f.path), fix=f"{fix} ({written})")
+
+
+def _temp_beside(f: OutputFile) -> Path:
+    """An empty temporary sibling of `f`'s path (its name starts with '.')."""
+    try:
+        f.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{f.path.name}-", suffix=".tmp", dir=f.path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise _cannot_write(f, e) from e
+    return Path(name)
+
+
+def write_files_atomically(files: list[OutputFile]) -> None:
+    """Write every file to a temporary sibling and fsync it, then rename them all into place: a full disk (or a
+    kill) while writing any of them leaves every output name as it was, never a partial file under it."""
+    temps: list[Path] = []
+    try:
+        for f in files:
+            temps.append(_temp_beside(f))
+            try:
+                f.write(temps[-1])
+                _fsync(temps[-1])
+            except OSError as e:
+                raise _cannot_write(f, e) from e
+        for i, (f, tmp) in enumerate(zip(files, temps, strict=True)):
+            try:
+                os.replace(tmp, f.path)
+                _fsync(f.path.parent)
+            except OSError as e:
+                raise _cannot_write(f, e, [g.path for g in files[:i]]) from e
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
 
 
 def stream_tensors(writer: gguf.GGUFWriter, plan: list[PlannedTensor], path: Path) -> None:
@@ -275,15 +314,12 @@ def export_gguf(source: Path, out: Path, *, qtype: str = "f16", adapter_only: bo
         loaded, tokenizer = _load(kind, folder, model, dtype, into, notes)
         notes.append(f"{'merged' if kind == 'adapter' else 'loaded'} in {dtype}, written as {qtype}")
         write, meta = model_writer(loaded, tokenizer, qtype, _display_name(kind, folder, loaded), notes)
-    try:
-        write_file_atomically(out, write)
-    except OSError as e:
-        raise DesktuneError(f"cannot write the GGUF file ({e.strerror or e})", where=str(out),
-                            fix="choose a writable place with free space for --out (nothing was written)") from e
-    result = ExportResult(path=out, bytes=out.stat().st_size, seconds=time.perf_counter() - start, notes=notes)
-    if modelfile and meta is not None:
+    files = [OutputFile(out, "the GGUF file", write)]
+    if modelfile and meta is not None:  # written with the GGUF: both land, or neither
         found = _modelfile(out, meta, ollama_from=ollama_from, adapter_only=adapter_only)
-        result.modelfile = modelfile_path(out)
-        write_file_atomically(result.modelfile, lambda p: p.write_text(found.text, encoding="utf-8"))
+        files.append(OutputFile(modelfile_path(out), "the Modelfile",
+                                lambda p: p.write_text(found.text, encoding="utf-8")))
         notes.extend(found.notes)
-    return result
+    write_files_atomically(files)
+    return ExportResult(path=out, bytes=out.stat().st_size, seconds=time.perf_counter() - start, notes=notes,
+                        modelfile=files[1].path if len(files) > 1 else None)

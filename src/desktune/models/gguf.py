@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,14 @@ def embedded_gguf() -> Path:
 
 def _key(gguf: Path) -> str:
     st = gguf.stat()
-    return hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return hashlib.sha1(os.fsencode(gguf.resolve()) + f":{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
 
 
 def converted_dir(gguf: Path, name: str | None = None) -> Path:
-    """Where the converted folder of `gguf` lives in the cache."""
-    return cache_dir() / "models" / (name or f"{gguf.stem}-{_key(gguf)}")
+    """Where the converted folder of `gguf` lives in the cache (an ASCII name: the tokenizer library cannot write
+    under a path that is not UTF-8, and a file's name need not be)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf.stem).strip("._") or "model"
+    return cache_dir() / "models" / (name or f"{stem}-{_key(gguf)}")
 
 
 def convert_gguf(gguf: Path, name: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -84,7 +87,7 @@ def convert_gguf(gguf: Path, name: str | None = None, dtype: torch.dtype = torch
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        (folder / _DONE).write_text(str(gguf.resolve()))
+        (folder / _DONE).write_bytes(os.fsencode(gguf.resolve()))  # the source's path, in whatever bytes it has
 
     return write_folder_atomically(out, write)  # replaces an earlier, incomplete conversion
 
