@@ -11,6 +11,7 @@ from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from desktune.config import ModelConfig, TrainConfig
 from desktune.constants import DEBUG_ENV, DTYPE_BYTES, DTYPE_NAMES, VERSION
@@ -124,6 +125,9 @@ def train(
         bool, typer.Option("--accept-changes", help="Resume even though the config or data changed.")
     ] = False,
     allow_pickle: AllowPickleOpt = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes to train with on this machine (torchrun "
+                                       "under the hood; train.distributed picks ddp or fsdp2). Several machines: "
+                                       "torchrun --nnodes ... -m desktune train CONFIG.")] = 1,
 ) -> None:
     """Train a LoRA/QLoRA adapter as a YAML config describes.
 
@@ -133,6 +137,10 @@ def train(
     Example: desktune train examples/demo.yaml -o train.max_steps=20 -o lora.r=8
     """
     _trust(allow_pickle)
+    if nproc > 1:
+        from desktune.training.launch import launch
+
+        raise typer.Exit(launch(_without_nproc(sys.argv[1:]), nproc))
     from desktune.config import load_config
     from desktune.training.loop import train as run_train
     from desktune.training.signals import TrainingInterrupted
@@ -145,6 +153,8 @@ def train(
         err.print(f"stopped after step {stop.step}; checkpoint saved: {stop.checkpoint}\n"
                   f"resume with: desktune train {config} --resume {RunDir.of_checkpoint(Path(stop.checkpoint)).path}")
         raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: rank 0 reports
+        return
     val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     out.print(f"done: {result.steps} steps, train loss {result.train_losses[0]:.4f} -> "
               f"{result.final_train_loss:.4f}{val}; {result.tokens_per_s:.0f} tokens/s")
@@ -171,6 +181,9 @@ def plan(
     dtype: Annotated[Precision | None, typer.Option(help="Compute precision (default: what the device would "
                                                     "use).")] = None,
     list_models: Annotated[bool, typer.Option("--list", help="List the built-in architectures and exit.")] = False,
+    nproc: Annotated[int, typer.Option(min=1, help="Devices sharing a step; plan and budget per device.")] = 1,
+    distributed: Annotated[str | None, typer.Option(help="With --nproc: ddp or fsdp2 (shards decoder layers).")] = None,
+    offload_params: Annotated[bool | None, typer.Option(help="fsdp2: sharded parameters in host memory.")] = None,
 ) -> None:
     """Predict the peak memory of a training step by component, before loading anything.
 
@@ -189,9 +202,9 @@ def plan(
         raise DesktuneError("nothing to plan", where="desktune plan", fix="pass a CONFIG.yaml or --model NAME")
     values = {"model.name": model, "data.max_seq_len": seq_len, "train.micro_batch_size": micro_batch,
               "train.grad_accum": grad_accum, "model.quant": quant, "lora.r": lora_r, "train.optimizer": optimizer,
-              "train.gradient_checkpointing": checkpointing,
+              "train.gradient_checkpointing": checkpointing, "train.distributed": distributed,
               "lora.target_modules": None if not targets else targets if targets == "all-linear" else f"[{targets}]",
-              "train.chunked_loss": False if full_loss else None}
+              "train.chunked_loss": False if full_loss else None, "train.offload_params": offload_params}
     overrides = [f"{k}={v.value if isinstance(v, Enum) else v}" for k, v in values.items() if v is not None]
     cfg = load_config(config if config is not None else {"data": {"train": "-"}}, overrides)
     if device or config is None:  # planning for a named device: no torch import, answers in a second
@@ -205,7 +218,7 @@ def plan(
         device_type, dtype_bytes = hw.device.type, hw.dtype.itemsize
         setting = effective_budget(cfg.train.memory_budget, device_type)
     limit = budget or setting
-    _, result = plan_run(cfg, device_type, dtype_bytes)
+    _, result = plan_run(cfg, device_type, dtype_bytes, nproc)
     print_plan(result, budget_bytes(limit, device_type) if limit else None, console=out)
 
 
@@ -488,6 +501,19 @@ def serve(
 LATEST = "latest"
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line each rank runs: this one without --nproc N (or --nproc=N)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _optional_resume_value(argv: list[str]) -> list[str]:
     """`--resume` alone means the latest checkpoint: give it a value typer can parse."""
     out = list(argv)
@@ -504,7 +530,8 @@ def main() -> None:
     try:
         app()
     except DesktuneError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        rank = f"\\[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        err.print(f"{rank}[bold red]error:[/] {escape(str(e))}", highlight=False)  # data[v2].jsonl stays text
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):  # the cause too, for a bug report
             err.print("".join(traceback.format_exception(e)), highlight=False, markup=False)
         sys.exit(2)

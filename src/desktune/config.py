@@ -58,6 +58,13 @@ class LoraConfig(_Strict):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_module(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:  # peft would refuse it only after the run folder exists
+            raise ValueError("names no module")
+        return v
+
 
 class DataConfig(_Strict):
     """Where the training text comes from and how it becomes tokens."""
@@ -149,6 +156,16 @@ class TrainConfig(_Strict):
     )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: all cores).",
                                 json_schema_extra=RESUME_MAY_CHANGE)
+    distributed: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="With several processes (desktune train --nproc N, or torchrun): ddp replicates the "
+        "model on each; fsdp2 shards each decoder layer's weights across them (for a base that does not fit one "
+        "device). One process ignores it.", json_schema_extra=RESUME_MAY_CHANGE)
+    offload_params: bool = Field(
+        False, description="fsdp2 only: keep the sharded parameters in CPU memory between uses (fits a bigger "
+        "base for host memory and PCIe time).", json_schema_extra=RESUME_MAY_CHANGE)
+    collective_timeout_s: float = Field(
+        300.0, gt=0, description="Several processes: how long one waits for the others in a collective before the "
+        "run stops (a rank that died or hangs).", json_schema_extra=RESUME_MAY_CHANGE)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -310,6 +327,9 @@ def _default_at(loc: tuple[str, ...]) -> str | None:
 
 
 _UNION_TAGS = {"constrained-float", "constrained-int", "float", "int", "str", "bool"}
+# what to set instead, for keys whose valid values their default alone does not show
+_VALUE_FIXES = {"lora.target_modules": "a list of the layers to adapt (such as q_proj, v_proj), or to 'all-linear' "
+                                       "(the default: every linear layer but the output head)"}
 
 
 def _format_validation_error(err: ValidationError, source: str) -> DesktuneError:
@@ -333,10 +353,13 @@ def _format_validation_error(err: ValidationError, source: str) -> DesktuneError
             fixes.setdefault("missing", f"add '{dotted}' to the config or pass -o {dotted}=...")
         else:
             got = e.get("input")
-            lines.append(f"'{dotted}': {e['msg']} (got {got!r})")
+            said_msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]  # no "Value error, "
+            lines.append(f"'{dotted}': {said_msg} (got {got!r})")
             default = _default_at(loc)
             shown = dotted + (f" (default: {default})" if default is not None else "")
-            if shown not in bad_values:
+            if dotted in _VALUE_FIXES:
+                fixes[dotted] = f"set {dotted} to {_VALUE_FIXES[dotted]}"
+            elif shown not in bad_values:
                 bad_values.append(shown)
     if bad_values:
         what = "a valid value" if len(bad_values) == 1 else "valid values"
@@ -350,6 +373,22 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _kind(value: Any) -> str:
+    """A user-facing name for a YAML value's type."""
+    names = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _not_a_section(value: Any, parts: list[str], item: str) -> DesktuneError:
+    """The error of an override into `parts[:-1]`, which the config holds as a list or a single value."""
+    section, key = ".".join(parts[:-1]), parts[-1]
+    keys = f"'{section}:' then '  {key}: ...' on the next line"
+    fix = (f"write the section's keys without '- ' ({keys}), then override it" if isinstance(value, list)
+           else f"replace '{section}: {value}' with a section of keys ({keys}), then override it")
+    return DesktuneError(f"'{section}' is a {_kind(value)} in the config, not a section of keys, so the override "
+                         "has nowhere to go", where=f"-o {item}", fix=fix)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -371,9 +410,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     fix="correct the key",
                 )
             nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[part] = nxt
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):  # replacing it would silently drop what the config says there
+                raise _not_a_section(nxt, parts[: i + 2], item)
             node = nxt
         node[parts[-1]] = parse_value(value)
     return data
@@ -386,6 +426,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise DesktuneError("is a folder, not a YAML config", where=str(path), fix="pass the .yaml file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DesktuneError(f"cannot read the config file: {e.strerror or e}", where=str(path),
+                            fix=f"make it readable (chmod u+r {path}), or pass a config you can read") from e
     except UnicodeDecodeError as e:
         raise DesktuneError("not a text file", where=str(path), fix="pass a YAML config") from e
     except yaml.YAMLError as e:

@@ -1,6 +1,6 @@
 """Training data: read files, convert formats, apply chat templates, tokenize with loss masks, and batch."""
 
-from desktune.data.batching import collate, example_stream, micro_batches, pack
+from desktune.data.batching import collate, example_stream, micro_batches, pack, step_order
 from desktune.data.dataset import DataStats, build_datasets, split_samples
 from desktune.data.encode import (
     IGNORE_INDEX,
@@ -37,5 +37,6 @@ __all__ = [
     "read_rows",
     "resolve_chat_template",
     "split_samples",
+    "step_order",
     "to_sample",
 ]

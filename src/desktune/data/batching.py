@@ -61,6 +61,11 @@ def pack(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
 
 
+def step_order(examples: Sequence[Example], *, packing: bool, group_by_length: bool = True) -> list[Example]:
+    """The order a step's samples are split into micro-batches in (by length when unpacked and grouped)."""
+    return sorted(examples, key=lambda e: len(e.input_ids)) if group_by_length and not packing else list(examples)
+
+
 def micro_batches(examples: Sequence[Example], micro: int, *, packing: bool, pad_id: int,
                   group_by_length: bool = True) -> list[tuple[list[Example], dict[str, torch.Tensor]]]:
     """One optimizer step's samples split into micro-batches of `micro` samples, each laid out as a batch.
@@ -68,7 +73,7 @@ def micro_batches(examples: Sequence[Example], micro: int, *, packing: bool, pad
     Unpacked, `group_by_length` orders the step's samples by length first so each micro-batch pads less; the
     step's samples (and so its gradient) are the same either way, only the split differs.
     """
-    order = sorted(examples, key=lambda e: len(e.input_ids)) if group_by_length and not packing else list(examples)
+    order = step_order(examples, packing=packing, group_by_length=group_by_length)
     out = []
     for i in range(0, len(order), micro):
         chunk = order[i : i + micro]

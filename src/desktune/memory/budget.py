@@ -50,9 +50,11 @@ def budget_bytes(budget: str, device_type: str) -> int:
     return free + {"cuda": CUDA_CONTEXT_BYTES, "cpu": CPU_LIBRARY_BYTES}.get(device_type, 0)
 
 
-def plan_run(cfg: RunConfig, device_type: str, dtype_bytes: int) -> tuple[PlanInputs, Plan]:
-    """The predicted peak of one training step of `cfg` on a device type with that compute dtype size."""
-    inputs = PlanInputs.from_run_config(cfg, arch_for_model(cfg.model.name), device_type, dtype_bytes=dtype_bytes)
+def plan_run(cfg: RunConfig, device_type: str, dtype_bytes: int, nproc: int = 1) -> tuple[PlanInputs, Plan]:
+    """The predicted peak of one training step of `cfg` per device, on `nproc` devices of a type with that
+    compute dtype size."""
+    inputs = PlanInputs.from_run_config(cfg, arch_for_model(cfg.model.name), device_type, dtype_bytes=dtype_bytes,
+                                        nproc=nproc)
     return inputs, estimate(inputs)
 
 
@@ -63,10 +65,11 @@ def rendered(plan: Plan, budget: int) -> str:
     return console.file.getvalue()
 
 
-def fit_to_budget(cfg: RunConfig, hw: Hardware) -> tuple[RunConfig, str | None]:
+def fit_to_budget(cfg: RunConfig, hw: Hardware, nproc: int = 1) -> tuple[RunConfig, str | None]:
     """The config with settings that fit the run's memory budget (and a note of what changed), or an error.
 
-    The budget is `train.memory_budget`, or on CUDA the free memory when it is unset (`effective_budget`).
+    The budget is `train.memory_budget`, or on CUDA the free memory when it is unset (`effective_budget`), per
+    device; with `nproc` processes (the world size) the plan is that of one of them (train.distributed).
     """
     setting = effective_budget(cfg.train.memory_budget, hw.device.type)
     if setting is None:
@@ -78,7 +81,7 @@ def fit_to_budget(cfg: RunConfig, hw: Hardware) -> tuple[RunConfig, str | None]:
                             "run to a budget", where="train.memory_budget",
                             fix="set train.memory_budget: none, or turn off train.offload_activations")
     budget = budget_bytes(setting, hw.device.type)
-    inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize)
+    inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize, nproc)
     if plan.total <= budget:
         return cfg, f"memory plan: {human_bytes(plan.total)} of {human_bytes(budget)} budget; settings kept"
     effective = cfg.train.samples_per_step

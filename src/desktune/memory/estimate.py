@@ -11,6 +11,10 @@ The peak of a step is the largest of three moments:
 * inside a decoder layer's backward: the saved activations still alive (with gradient checkpointing: every
   layer's input plus the one layer being recomputed) + that layer's gradient temporaries;
 * the optimizer step: weights + adapter state + gradients + the optimizer's temporaries (tiny for LoRA).
+
+With several processes (`nproc` > 1) the plan is per device: each process runs its share of the step's samples
+(`process_share`); ddp replicates everything and adds DDP's gradient buckets, fsdp2 shards the decoder layers
+(`_shard_layers`). NCCL's own communication buffers are not counted.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows
 from desktune.memory.catalog import ArchSpec
+from desktune.units import human_bytes
 
 if TYPE_CHECKING:
     from desktune.config import RunConfig
@@ -64,10 +69,18 @@ class PlanInputs:
     packed: bool = False  # padding-free rows: no padding, one t x t block mask where a mask is kept
     padded: bool | None = None  # whether batches carry padding (None: when micro_batch > 1)
     target_fraction: float = 1.0  # share of positions that are loss targets (1.0 is the worst case)
+    nproc: int = 1  # processes, one per device, sharing each optimizer step
+    distributed: str = "ddp"  # with nproc > 1: ddp (replicated) | fsdp2 (decoder layers sharded)
+    offload_params: bool = False  # fsdp2: sharded parameters (and their gradients, optimizer state) in host memory
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be at least 1, got {self.nproc}")
 
     @classmethod
-    def from_run_config(cls, cfg: RunConfig, arch: ArchSpec, device_type: str, dtype_bytes: int) -> PlanInputs:
-        """The inputs of a run config on a device with the resolved compute dtype size."""
+    def from_run_config(cls, cfg: RunConfig, arch: ArchSpec, device_type: str, dtype_bytes: int,
+                        nproc: int = 1) -> PlanInputs:
+        """The inputs of a run config on `nproc` devices of a type, with the resolved compute dtype size."""
         m, lo, tr = cfg.model, cfg.lora, cfg.train
         targets = lo.target_modules if isinstance(lo.target_modules, str) else tuple(lo.target_modules)
         return cls(arch=arch, seq_len=cfg.data.max_seq_len, micro_batch=tr.micro_batch_size,
@@ -75,7 +88,8 @@ class PlanInputs:
                    double_quant=m.double_quant, attn_implementation=m.attn_implementation, lora_r=lo.r,
                    lora_targets=targets, lora_dropout=lo.dropout, use_dora=lo.use_dora, optimizer=tr.optimizer,
                    gradient_checkpointing=tr.gradient_checkpointing, chunked_loss=tr.chunked_loss,
-                   packed=cfg.data.packing, padded=False if cfg.data.packing else None)
+                   packed=cfg.data.packing, padded=False if cfg.data.packing else None, nproc=nproc,
+                   distributed=tr.distributed, offload_params=tr.offload_params)
 
     def with_(self, **changes: object) -> PlanInputs:
         """A copy with some fields changed."""
@@ -93,15 +107,21 @@ class Component:
 
 @dataclass
 class Plan:
-    """Predicted peak memory of a training step, by component (they sum to `total`)."""
+    """Predicted peak memory of a training step on one device, by component (they sum to `total`)."""
 
     inputs: PlanInputs
     components: list[Component] = field(default_factory=list)
     phase: str = ""  # which moment of the step holds the peak
+    host: list[Component] = field(default_factory=list)  # host memory of the node (fsdp2 offload), not in total
 
     @property
     def total(self) -> int:
         return sum(c.bytes for c in self.components)
+
+    @property
+    def host_total(self) -> int:
+        """Host memory the node needs for what is offloaded there (0 without offload)."""
+        return sum(c.bytes for c in self.host)
 
     @property
     def tensor_bytes(self) -> int:
@@ -171,15 +191,30 @@ def _quantized_linear_bytes(numel: int, inputs: PlanInputs) -> float:
     return numel * inputs.dtype_bytes
 
 
-def base_weight_bytes(inputs: PlanInputs) -> int:
-    """Frozen base: linear layers quantized as asked; embeddings, output head and norms in the compute dtype."""
-    arch, a = inputs.arch, inputs.dtype_bytes
+def _layer_linear_bytes(inputs: PlanInputs) -> float:
+    """Stored bytes of one decoder layer's linear weights, quantized as asked."""
     total = 0.0
-    for d_in, d_out in arch.linear_shapes().values():
+    for d_in, d_out in inputs.arch.linear_shapes().values():
         total += _quantized_linear_bytes(d_in * d_out, inputs)
         if inputs.quant == "int8":
             total += 4 * d_out  # fp32 row scales (bitsandbytes SCB)
-    total *= arch.layers
+    return total
+
+
+def layer_weight_bytes(inputs: PlanInputs) -> int:
+    """Frozen weights of one decoder layer (every layer has the same shapes): linears, norms, biases."""
+    return int(_layer_linear_bytes(inputs) + inputs.arch.layer_other_params() * inputs.dtype_bytes)
+
+
+def replicated_weight_bytes(inputs: PlanInputs) -> int:
+    """Weights outside the decoder layers: embeddings, output head (when untied) and final norm."""
+    return (inputs.arch.embedding_params() + inputs.arch.hidden) * inputs.dtype_bytes
+
+
+def base_weight_bytes(inputs: PlanInputs) -> int:
+    """Frozen base: linear layers quantized as asked; embeddings, output head and norms in the compute dtype."""
+    arch, a = inputs.arch, inputs.dtype_bytes
+    total = _layer_linear_bytes(inputs) * arch.layers
     total += (arch.layer_other_params() * arch.layers + arch.embedding_params() + arch.hidden) * a
     return int(total)
 
@@ -376,7 +411,12 @@ def checkpointed_layers(n_layers: int, mode: bool | str) -> int:
 
 
 def estimate(inputs: PlanInputs) -> Plan:
-    """The predicted peak memory of one training step, by component."""
+    """The predicted peak memory of one training step on one device, by component."""
+    return _one_process(inputs) if inputs.nproc == 1 else _several_processes(inputs)
+
+
+def _one_process(inputs: PlanInputs) -> Plan:
+    """The peak of a step run by a single process on its device."""
     arch, a = inputs.arch, inputs.dtype_bytes
     t = inputs.micro_batch * inputs.seq_len
     n_layers = arch.layers
@@ -472,6 +512,89 @@ def _loss_note(inputs: PlanInputs) -> str:
     return f"full logits: {inputs.micro_batch} x {inputs.seq_len} x {inputs.arch.vocab}, fp32 log-softmax"
 
 
+# ---------------------------------------------------------------- several processes
+
+SHARDED = ("adapter weights", "adapter gradients", "optimizer state", "optimizer step")  # fsdp2: 1/nproc each
+
+
+def process_share(inputs: PlanInputs) -> tuple[int, int]:
+    """(micro-batch, micro-batches per optimizer step) of one of `nproc` processes.
+
+    micro_batch is per process; the step's micro_batch x grad_accum samples are split across the processes, each
+    running ceil(samples / nproc) of them in micro-batches of micro_batch (one smaller one when its share is).
+    """
+    samples = math.ceil(inputs.micro_batch * inputs.grad_accum / inputs.nproc)
+    micro = min(inputs.micro_batch, samples)
+    return micro, math.ceil(samples / micro)
+
+
+def _several_processes(inputs: PlanInputs) -> Plan:
+    """Per-device peak of one of `nproc` processes: a single process's plan of its share of the samples, with
+    ddp's gradient buckets (one fp32 copy of the trainable gradients, gradient_as_bucket_view off) or fsdp2's
+    sharded layers."""
+    micro, accum = process_share(inputs)
+    local = _one_process(inputs.with_(micro_batch=micro, grad_accum=accum, nproc=1))
+    plan = Plan(inputs=inputs, components=list(local.components), phase=local.phase)
+    if inputs.distributed == "fsdp2":
+        _shard_layers(plan)
+        return plan
+    at = [c.name for c in plan.components].index("optimizer state") + 1
+    plan.components.insert(at, Component("DDP gradient buckets", plan["adapter weights"],
+                                         "fp32 copy of the trainable gradients, all-reduced bucket by bucket"))
+    return plan
+
+
+def _shard_layers(plan: Plan) -> None:
+    """fsdp2: each decoder layer's weights, adapters, their gradients and optimizer state 1/nproc per device.
+
+    desktune calls fully_shard on every decoder layer only: embeddings, output head and final norm stay whole on
+    every device. FSDP2 all-gathers the layer computing and prefetches the next, so two layers are whole at once
+    (base weights and adapters), plus one layer's unsharded adapter gradients before their reduce-scatter. A
+    QLoRA base stores its 4-bit codes in the compute dtype (bnb_4bit_quant_storage) to be sharded: same bytes.
+    With offload_params, FSDP2's CPUOffloadPolicy keeps the shards, their gradients and the optimizer state in
+    host memory (the optimizer step runs on the CPU): `plan.host`. Padding dim 0 to a multiple of nproc is
+    not counted.
+    """
+    inputs, n, offload = plan.inputs, plan.inputs.nproc, plan.inputs.offload_params
+    replicated = replicated_weight_bytes(inputs)
+    shard = math.ceil((base_weight_bytes(inputs) - replicated) / n)
+    layer_adapter = plan["adapter weights"] // inputs.arch.layers
+    where = f"1/{n} shard" + (", in host memory (offload_params)" if offload else "")
+    storage = f"; NF4 codes in {8 * inputs.dtype_bytes}-bit float storage" if inputs.quant == "nf4" else ""
+    rows: list[Component] = []
+    for c in plan.components:
+        if c.name == "base weights":
+            rows.append(Component(c.name, replicated + (0 if offload else shard),
+                                  f"decoder layers {where}: {human_bytes(shard)}{storage}; embeddings, head, "
+                                  f"final norm whole ({human_bytes(replicated)})"))
+            rows.append(Component("unsharded layers", 2 * (layer_weight_bytes(inputs) + layer_adapter)
+                                  + layer_adapter, "two whole decoder layers (all-gathered + prefetched) and one "
+                                  "layer's adapter gradients before reduce-scatter"))
+        elif c.name in SHARDED:
+            rows.append(Component(c.name, 0 if offload else math.ceil(c.bytes / n), f"{where}; {c.note}"))
+        else:
+            rows.append(c)
+    plan.components = rows
+    if offload:
+        plan.host = _offloaded(inputs, shard)
+
+
+def _offloaded(inputs: PlanInputs, base_shard: int) -> list[Component]:
+    """Host memory of `nproc` processes on one node offloading their shards: parameters, gradients, optimizer
+    state, and each process's own memory that is not tensors (as measured for a CPU run)."""
+    n = inputs.nproc
+    adapter = math.ceil(4 * sum(adapter_tensors(inputs)) / n)
+    state = math.ceil(optimizer_state_bytes(inputs) / n)
+    overhead = _overhead("cpu")
+    return [
+        Component("sharded parameters", n * (base_shard + adapter), f"{n} processes x {human_bytes(base_shard)} "
+                  f"base + {human_bytes(adapter)} adapter shards"),
+        Component("sharded gradients and optimizer state", n * (adapter + state), f"{n} processes, fp32"),
+        Component("process overhead", n * overhead.bytes, f"{n} processes x {human_bytes(overhead.bytes)}: "
+                  f"{overhead.note}"),
+    ]
+
+
 # ---------------------------------------------------------------- fitting
 
 
@@ -539,8 +662,14 @@ def _candidate_changes(inputs: PlanInputs) -> list[tuple[str, PlanInputs]]:
     if inputs.gradient_checkpointing != "full":
         out.append(("gradient checkpointing (train.gradient_checkpointing: full)",
                     inputs.with_(gradient_checkpointing="full")))
+    if inputs.nproc > 1 and inputs.distributed != "fsdp2":
+        out.append(("shard the decoder layers (train.distributed: fsdp2)", inputs.with_(distributed="fsdp2")))
     if inputs.quant != "nf4":
         out.append(("4-bit base (model.quant: nf4)", inputs.with_(quant="nf4")))
+    if inputs.nproc > 1 and not inputs.offload_params:
+        also = "train.distributed: fsdp2, " if inputs.distributed != "fsdp2" else ""
+        out.append((f"sharded parameters in host memory ({also}train.offload_params: true)",
+                    inputs.with_(distributed="fsdp2", offload_params=True)))
     return out
 
 
@@ -548,7 +677,8 @@ def suggestions(inputs: PlanInputs, budget_bytes: int) -> list[tuple[str, Plan]]
     """Changes that make the step fit the budget, least disruptive first, each with its plan.
 
     Order: single changes that fit on their own (chunked loss, 8-bit optimizer, smaller micro-batch with more
-    accumulation, gradient checkpointing, 4-bit base); when none does, those changes combined in that order
+    accumulation, gradient checkpointing, with several processes fsdp2, 4-bit base, with several processes
+    offloaded parameters); when none does, those changes combined in that order
     until it fits; last, the longest sequence length that fits (with the combination when one was needed).
     Empty when the step already fits.
     """
@@ -586,6 +716,6 @@ def suggestions(inputs: PlanInputs, budget_bytes: int) -> list[tuple[str, Plan]]
 def _apply_change(current: PlanInputs, original: PlanInputs, changed: PlanInputs) -> PlanInputs:
     """Apply to `current` the fields in which `changed` differs from `original`."""
     diff = {f: getattr(changed, f) for f in ("chunked_loss", "optimizer", "gradient_checkpointing", "quant",
-                                             "micro_batch", "grad_accum", "seq_len")
+                                             "micro_batch", "grad_accum", "seq_len", "distributed", "offload_params")
             if getattr(changed, f) != getattr(original, f)}
     return current.with_(**diff)

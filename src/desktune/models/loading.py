@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from desktune.config import ModelConfig
 from desktune.constants import EMBEDDED_ALIASES, EMBEDDED_MODEL
 from desktune.errors import DesktuneError
@@ -295,16 +297,30 @@ def _load_error(err: Exception, source: str, local: bool) -> DesktuneError:
             fix=f"set model.name to an existing model folder, or download it where you have internet "
             f"(huggingface-cli download {source} --local-dir DIR) and set model.name to that DIR",
         )
-    return DesktuneError(f"could not load the model: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-                         where=source, fix="check the folder is complete (config.json, all weight files)")
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "not enough memory" in detail:
+        return DesktuneError(f"out of memory while loading the model ({detail})", where=source,
+                             fix="load the base in 4 bit (model.quant: nf4), pick a smaller model, or close what "
+                             "else uses the memory; `desktune plan CONFIG` shows what a run needs")
+    if isinstance(err, ImportError) and "FlashAttention" in detail:
+        return DesktuneError(f"flash_attention_2 was asked for, but it cannot be used ({detail})",
+                             where="model.attn_implementation",
+                             fix="install flash-attn on a CUDA machine (pip install flash-attn), or set "
+                             "model.attn_implementation: sdpa (the default)")
+    if isinstance(err, ImportError):
+        return DesktuneError(f"could not load the model: a package it needs is missing ({detail})", where=source,
+                             fix="install the package the message names (pip install NAME)")
+    return DesktuneError(f"could not load the model: {detail}", where=source,
+                         fix="check the folder is complete (config.json, all weight files)")
 
 
 def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None,
-               log: Callable[[str], None] | None = None) -> LoadedModel:
+               log: Callable[[str], None] | None = None, shardable: bool = False) -> LoadedModel:
     """Load the base model frozen, in the run's precision, quantized if asked (`quant` overrides cfg.quant).
 
     A hub id missing from the local cache is downloaded (when the hub is reachable and HF_HUB_OFFLINE is unset);
-    `log` (default: stderr) is told so, with the size, before the download starts.
+    `log` (default: stderr) is told so, with the size, before the download starts. `shardable`: 4-bit weights
+    FSDP2 can shard (train.distributed: fsdp2 with several processes).
     """
     quiet_transformers()
     import_torchao_quietly()  # transformers imports torchao while loading models: do it once, without its noise
@@ -328,15 +344,16 @@ def load_model(cfg: ModelConfig, hw: Hardware, *, quant: str | None = None,
         "trust_remote_code": cfg.trust_remote_code,
         "use_safetensors": None if pickle_allowed() else True,  # never unpickle weights the user did not allow
     }
-    bnb = load_time_config(quant, cfg.double_quant, hw.dtype, hw.device.type)
+    bnb = load_time_config(quant, cfg.double_quant, hw.dtype, hw.device.type, shardable=shardable)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
         kwargs["device_map"] = {"": hw.device.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, RuntimeError, StrictDataclassError) as e:
+    except (OSError, ValueError, RuntimeError, StrictDataclassError, ImportError, MemoryError) as e:
         # OSError: files missing or not downloadable; ValueError: a config transformers refuses; RuntimeError:
-        # weights that do not fit the config; StrictDataclassError: a config value of the wrong type
+        # weights that do not fit the config, or out of memory; StrictDataclassError: a config value of the wrong
+        # type; ImportError: an attention kernel or another optional package missing; MemoryError: the CPU's OOM
         raise _load_error(e, source, local) from e
     tokenizer = load_tokenizer(source)
     if model.config.pad_token_id is None:

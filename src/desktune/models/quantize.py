@@ -104,9 +104,13 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def load_time_config(
-    quant: str, double_quant: bool, compute_dtype: torch.dtype | str | None, device_type: str
+    quant: str, double_quant: bool, compute_dtype: torch.dtype | str | None, device_type: str,
+    shardable: bool = False,
 ) -> BitsAndBytesConfig | None:
-    """A `transformers.BitsAndBytesConfig` for backends applied at `from_pretrained` time, else None."""
+    """A `transformers.BitsAndBytesConfig` for backends applied at `from_pretrained` time, else None.
+
+    `shardable` (FSDP2): the 4-bit codes are stored in the compute dtype's storage, so FSDP2 can shard them like
+    any other parameter of that dtype."""
     backend = choose_backend(quant, device_type)
     if backend not in LOAD_TIME_BACKENDS:
         return None
@@ -119,6 +123,7 @@ def load_time_config(
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=_as_dtype(compute_dtype) or torch.bfloat16,
+        bnb_4bit_quant_storage=(_as_dtype(compute_dtype) or torch.bfloat16) if shardable else torch.uint8,
         llm_int8_skip_modules=["lm_head"],
     )
 

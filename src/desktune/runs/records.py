@@ -2,11 +2,12 @@
 
 One JSON object per line, `type` first, then `time_s` (seconds since the run, or this resumed part of it,
 started), then the record's fields. Non-finite numbers are written as null. A line torn by a kill mid-write can
-only be the last one; the reader drops it.
+only be the last one, and has no newline: the reader drops it. Any other line that is not a record is damage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -153,24 +154,39 @@ class RecordWriter:
 
 
 def read_records(path: Path) -> list[Record]:
-    """Every record of a metrics.jsonl file, in order."""
+    """Every record of a metrics.jsonl file, in order; a torn last line (no newline: a kill mid-write) is dropped."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DesktuneError(f"cannot read the run's record ({e})", where=str(path),
-                            fix="restore the file, or start a new run") from e
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(from_json(json.loads(line)))
-        except (ValueError, KeyError, TypeError) as e:
-            if number == len(lines):  # torn by a kill mid-write: the step it describes is redone on resume
-                break
-            raise DesktuneError(f"line {number} is not a desktune record ({e})", where=f"{path}:{number}",
-                                fix="restore the file from a backup, or start a new run") from e
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DesktuneError(f"cannot read the run's record ({e.strerror or e})", where=str(path),
+                            fix="make the file readable, or start a new run") from e
+    lines = raw.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline, as every complete write does
+    records = [r for number, line in enumerate(lines, 1) if (r := _parse(line, path, number)) is not None]
+    if torn.strip(b"\x00 \t\r"):  # a power cut can also leave NUL bytes where the end of the file was
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # the step it describes is redone on resume
+            records.append(from_json(json.loads(torn.decode("utf-8"))))
     return records
+
+
+def _parse(line: bytes, path: Path, number: int) -> Record | None:
+    """The record of one complete line (None for a blank one); a damaged line raises, naming file:line."""
+    if not line.strip():
+        return None
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _damaged(path, number, "not UTF-8 text") from e
+    try:
+        return from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError) as e:
+        raise _damaged(path, number, str(e)) from e
+
+
+def _damaged(path: Path, number: int, why: str) -> DesktuneError:
+    return DesktuneError(f"line {number} is not a desktune record ({why})", where=f"{path}:{number}",
+                         fix=f"delete or repair line {number} (only that record is lost), or restore the file from "
+                         "a backup")
 
 
 R = TypeVar("R", bound=Record)
@@ -181,10 +197,12 @@ def records_of(records: list[Record], cls: type[R]) -> list[R]:
     return [r for r in records if isinstance(r, cls)]
 
 
-def truncate_records(path: Path, step: int) -> list[Record]:
-    """Keep metrics.jsonl up to the checkpoint record of `step` (later lines belong to steps being redone)."""
+def truncate_records(path: Path, step: int, *, rewrite: bool = True) -> list[Record]:
+    """Keep metrics.jsonl up to the checkpoint record of `step` (later lines belong to steps being redone);
+    `rewrite=False` only reads what would be kept (the ranks of a run that do not write)."""
     records = read_records(path)
     cut = next((i for i, r in enumerate(records) if isinstance(r, CheckpointRecord) and r.step == step), None)
     kept = records[: cut + 1] if cut is not None else [r for r in records if (getattr(r, "step", 0) or 0) <= step]
-    write_text_atomically(path, "".join(json.dumps(to_json(r)) + "\n" for r in kept))
+    if rewrite:
+        write_text_atomically(path, "".join(json.dumps(to_json(r)) + "\n" for r in kept))
     return kept

@@ -32,28 +32,31 @@ from desktune.safety import refuse_pickle, unpickle_refusal
 from desktune.training.state import TrainState, read_state, write_state
 
 
-def _write_adapter(model: Any, tokenizer: Any, folder: Path, base_path: str, meta: dict[str, Any]) -> None:
+def _write_adapter(model: Any, tokenizer: Any, folder: Path, base_path: str, meta: dict[str, Any],
+                   weights: dict[str, Any] | None) -> None:
     for cfg in model.peft_config.values():
         cfg.base_model_name_or_path = base_path
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=weights)  # weights: gathered shards
     if getattr(tokenizer, "chat_template", None):
         (folder / CHAT_TEMPLATE).write_text(tokenizer.chat_template, encoding="utf-8")
     (folder / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     write_base_fingerprint(folder, base_path)
 
 
-def save_adapter(model: Any, tokenizer: Any, out: Path, *, base_path: str, meta: dict[str, Any]) -> Path:
-    """Write the PEFT adapter (+ chat template, desktune.json) atomically."""
-    return write_folder_atomically(out, lambda tmp: _write_adapter(model, tokenizer, tmp, base_path, meta))
+def save_adapter(model: Any, tokenizer: Any, out: Path, *, base_path: str, meta: dict[str, Any],
+                 weights: dict[str, Any] | None = None) -> Path:
+    """Write the PEFT adapter (+ chat template, desktune.json) atomically; `weights` (the model's trainable
+    tensors by name) instead of the model's own, when they were gathered from shards."""
+    return write_folder_atomically(out, lambda tmp: _write_adapter(model, tokenizer, tmp, base_path, meta, weights))
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out: Path, *, base_path: str, meta: dict[str, Any],
-                    state: TrainState) -> Path:
+                    state: TrainState, weights: dict[str, Any] | None = None) -> Path:
     """An adapter folder that also holds the trainer state (optimizer, scheduler, RNG, data position) and the
     marker that desktune made it."""
 
     def write(tmp: Path) -> None:
-        _write_adapter(model, tokenizer, tmp, base_path, meta)
+        _write_adapter(model, tokenizer, tmp, base_path, meta, weights)
         write_state(state, tmp / TRAINER_STATE, tmp / TRAINER_TENSORS)
         (tmp / CHECKPOINT_MARKER).write_text(f"step {state.step}\n", encoding="utf-8")
 

@@ -7,18 +7,21 @@ encodes the data. `fit` is the recipe: restore (when resuming), then one `train_
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
+from safetensors import SafetensorError
 
 from desktune.adapters import TrainableReport, attach_lora, trainable_report
 from desktune.config import RunConfig, dump_config, parse_duration, parse_size
@@ -26,7 +29,15 @@ from desktune.constants import VERSION
 from desktune.data import Example, build_datasets, example_stream, resolve_chat_template
 from desktune.defaults import auto_epochs, auto_lr, auto_replay, method_name
 from desktune.errors import DesktuneError
-from desktune.hardware import Hardware, detect, free_memory, memory_in_use, memory_telemetry, set_threads
+from desktune.hardware import (
+    Hardware,
+    detect,
+    free_memory,
+    memory_in_use,
+    memory_telemetry,
+    pick_device,
+    set_threads,
+)
 from desktune.memory.budget import fit_to_budget
 from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
@@ -48,6 +59,20 @@ from desktune.scoring.score import mean_target_loss
 from desktune.training.budget import first_steps, fit_steps, time_steps
 from desktune.training.checkpoint import adapter_size, load_adapter_weights, load_state, save_adapter, save_checkpoint
 from desktune.training.checks import before_training
+from desktune.training.distributed import (
+    Dist,
+    Replica,
+    any_rank,
+    device_for,
+    from_env,
+    from_main,
+    full_adapter_state,
+    full_optimizer_state,
+    replicate,
+    shard_optimizer_state,
+)
+from desktune.training.distributed import start as join_group
+from desktune.training.distributed import stop as leave_group
 from desktune.training.monitor import Monitor
 from desktune.training.objectives import objective_for
 from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler
@@ -56,7 +81,8 @@ from desktune.training.resume import capture_rng, check_compatible, config_finge
 from desktune.training.signals import GracefulStop, TrainingInterrupted
 from desktune.training.speed import Switches, choose_switches, switched_on
 from desktune.training.state import TrainState
-from desktune.training.step import NonFiniteGuard, StepOutcome, Trainer, train_step
+from desktune.training.step import NonFiniteGuard, StepOutcome, Trainer, is_out_of_memory, kept_note, train_step
+from desktune.training.step import free_memory as release_memory
 from desktune.training.watch import Best, ForgettingWatch, early_stop
 
 
@@ -77,6 +103,8 @@ class Run:
     fit_note: str | None = None  # what fitting to train.memory_budget changed
     chosen: list[str] = field(default_factory=list)  # what `auto` settings became, and why
     switches: Switches = field(default_factory=Switches)  # speed/memory switches in use (set by fit)
+    dist: Dist = field(default_factory=Dist)  # this process among the run's (torchrun); one process: rank 0 of 1
+    replica: Replica | None = None  # the DDP wrapper or FSDP2-sharded layers (set by fit; several processes)
 
     @property
     def dir(self) -> RunDir:
@@ -120,40 +148,71 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False,
-          existing: Path | None = None) -> Run:
+          existing: Path | None = None, dist: Dist | None = None) -> Run:
     """Resolve hardware, load the base, attach adapters and encode the data; nothing has trained yet.
 
-    `existing` reuses a run folder (to resume it) instead of making a new one.
+    `existing` reuses a run folder (to resume it) instead of making a new one. With several processes (`dist`),
+    rank 0 makes the run folder and writes its config; every rank loads the model and data.
     """
-    console = console or Console(stderr=True)
+    console, dist = console or Console(stderr=True), dist or Dist()
     hw = detect(cfg.train.device, cfg.model.dtype)
-    cfg, fit_note = fit_to_budget(cfg, hw)  # before anything is loaded: refuse early when nothing fits
+    hw = replace(hw, device=device_for(dist, hw.device))
+    cfg, fit_note = fit_to_budget(cfg, hw, nproc=dist.world)  # before anything loads: refuse when nothing fits
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     if existing is not None:
         if not quiet:
             console.print(f"resuming run folder: [bold]{existing}[/]")
-        return _prepare(cfg, existing, hw, console, quiet)
-    run_dir = new_run_dir(cfg.output_dir, cfg.run_name)
-    dump_config(cfg, run_dir.config)
-    if not quiet:
-        console.print(f"run folder: [bold]{run_dir.path}[/]  device: {hw.name}  precision: {str(hw.dtype)[6:]}")
-        if fit_note:
-            console.print(fit_note)
+        return _prepare(cfg, existing, hw, console, quiet, dist)
+    run_dir = shared_run_dir(cfg, dist)
+    if not dist.is_main:
+        return _prepare(cfg, run_dir.path, hw, console, True, dist)
     try:
-        run = _prepare(cfg, run_dir.path, hw, console, quiet)
-    except DesktuneError:
-        if run_dir.holds_only_config():  # nothing trained: leave no empty run behind
+        write_config(cfg, run_dir)
+        if not quiet:
+            console.print(f"run folder: [bold]{run_dir.path}[/]  device: {hw.name}  precision: {str(hw.dtype)[6:]}")
+            if fit_note:
+                console.print(fit_note)
+        run = _prepare(cfg, run_dir.path, hw, console, quiet, dist)
+        run.fit_note = fit_note
+        write_config(run.cfg, run_dir)  # with the values `auto` chose
+    except BaseException:  # a user error, a library's or Ctrl-C: nothing trained, so leave no run behind
+        if run_dir.path.is_dir() and (run_dir.holds_only_config() or not any(run_dir.path.iterdir())):
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
-    run.fit_note = fit_note
-    dump_config(run.cfg, run_dir.config)  # with the values `auto` chose
     return run
 
 
-def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quiet: bool) -> Run:
+def shared_run_dir(cfg: RunConfig, dist: Dist) -> RunDir:
+    """A new run folder: made by rank 0, its path handed to the other ranks (one process: simply made)."""
+    if not dist.active:
+        return new_run_dir(cfg.output_dir, cfg.run_name)
+    made, error = None, None
+    if dist.is_main:
+        try:
+            made = new_run_dir(cfg.output_dir, cfg.run_name)
+        except DesktuneError as e:
+            error = e
+    path = from_main(dist, None if made is None else str(made.path))
+    if error is not None:
+        raise error
+    if path is None:
+        raise DesktuneError("rank 0 could not make the run folder (its message says why)", where=f"rank {dist.rank}")
+    return RunDir(Path(path))
+
+
+def write_config(cfg: RunConfig, run_dir: RunDir) -> None:
+    """The run's config.yaml; a full disk or a read-only folder is the user's to fix."""
+    try:
+        dump_config(cfg, run_dir.config)
+    except OSError as e:
+        raise DesktuneError(f"cannot write the run's config ({e.strerror or e})", where=str(run_dir.config),
+                            fix="free space on that disk, or choose another output_dir (-o output_dir=...)") from e
+
+
+def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quiet: bool, dist: Dist) -> Run:
     """Model, adapters and data of a run whose folder exists."""
-    loaded = load_model(cfg.model, hw)
+    loaded = load_model(cfg.model, hw, shardable=dist.active and dist.mode == "fsdp2")
     resolve_chat_template(loaded.tokenizer, cfg.model.chat_template)
     seed_everything(cfg.train.seed)  # adapter initialisation depends only on the seed
     model = attach_lora(loaded.model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -170,7 +229,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quie
         for note in [*stats.notes, *chosen]:
             console.print(f"note: {note}")
     return Run(cfg=cfg, run_dir=run_dir, loaded=loaded, model=model, train_set=train_set, val_set=val_set,
-               data_stats=stats, trainable=report, console=console, quiet=quiet, chosen=chosen)
+               data_stats=stats, trainable=report, console=console, quiet=quiet, chosen=chosen, dist=dist)
 
 
 def resolve_auto(cfg: RunConfig, base_params: int, n_train: int, chats: bool) -> tuple[RunConfig, list[str]]:
@@ -212,7 +271,8 @@ def make_trainer(run: Run, steps: int) -> Trainer:
         objective=objective_for(run.cfg), switches=run.switches, device=hw.device,
         pad_id=run.loaded.tokenizer.pad_token_id, packing=run.cfg.data.packing,
         group_by_length=run.cfg.data.group_by_length, max_grad_norm=tcfg.max_grad_norm,
-        micro=tcfg.micro_batch_size, total_steps=steps)
+        micro=tcfg.micro_batch_size, total_steps=steps, last_checkpoint=run.dir.latest_checkpoint, dist=run.dist,
+        replica=run.replica)
 
 
 # ---------------------------------------------------------------- the run
@@ -228,6 +288,7 @@ class History:
     train_s: float = 0.0
     best: Best = field(default_factory=Best)  # the lowest validation loss, its step, validations since
     val_s: float = 0.0  # seconds the last validation took
+    val_micro: int = 0  # validation's micro-batch once out of memory halved it (0: the training one)
     kept: list[Record] = field(default_factory=list)  # a resumed run's earlier records
 
     def add(self, out: StepOutcome) -> None:
@@ -236,25 +297,33 @@ class History:
         self.train_s += out.seconds
 
 
-def fit(run: Run, *, resume: Path | None = None, accept_changes: bool = False) -> RunResult:
-    """Train the adapters of a prepared run (from a checkpoint when `resume` is given) and save them."""
+def fit(run: Run, *, resume: Path | None = None, state: TrainState | None = None,
+        accept_changes: bool = False) -> RunResult:
+    """Train the adapters of a prepared run (from a checkpoint when `resume` is given: its `state`, read here
+    when not passed) and save them."""
     hw = run.loaded.hardware
+    if resume is not None and state is None:
+        state = load_state(resume)
     with switched_on(run.model, choose_switches(run.cfg, hw.device, hw.dtype)) as switches:
         run.switches = switches
-        return _fit(run, resume, accept_changes)
+        return _fit(run, resume, state, accept_changes)
 
 
-def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
+def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes: bool) -> RunResult:
     wall0, cfg = time.perf_counter(), run.cfg
-    state = load_state(resume) if resume is not None else None
     steps = state.total_steps if state and state.total_steps else total_steps(cfg, len(run.train_set))
-    tr, hist, saver = make_trainer(run, steps), History(), Saver.for_run(run)
+    saver, hist = Saver.for_run(run), History()
+    if state is not None:  # the adapter goes in before the model is wrapped (FSDP2 shards it)
+        check_compatible(state, run.cfg, resume, accept_changes, data_now=saver.fingerprints["data_fingerprint"])
+        load_adapter_weights(run.model, resume)
+    run.replica = replicate(run.model, run.dist, run.loaded.hardware.device, cfg.train.offload_params)
+    tr = make_trainer(run, steps)
     if state is not None:
-        restore(run, tr, saver, resume, state, accept_changes, hist)
+        restore(run, tr, state, hist)
     start = state.step if state else 0
     samples = step_samples(run, start)
-    with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps)) as mon, \
-            GracefulStop() as stop:
+    with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps),
+                 records=run.dist.is_main) as mon, GracefulStop() as stop:
         forgetting = begin(run, tr, mon, hist, state, resume)
         if state is None and cfg.train.time_budget:
             steps, samples = within_budget(run, tr, mon, hist, samples, wall0)
@@ -272,9 +341,10 @@ def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
                 mon.diagnose(halt)
                 ended = step
                 break
-            if stop.requested and step != steps:
+            if any_rank(run.dist, bool(stop.requested), tr.device) and step != steps:  # all stop at one step
                 saved = saved or saver.checkpoint(tr, mon)
-                mon.event(f"{stop.requested}: stopped after step {step}", name="stopped", step=step)
+                mon.event(f"{stop.requested or 'stop asked on another rank'}: stopped after step {step}",
+                          name="stopped", step=step)
                 raise TrainingInterrupted(step, str(saved))
         if run.val_set and ended == steps:
             tr.step = steps
@@ -290,7 +360,7 @@ def _fit(run: Run, resume: Path | None, accept_changes: bool) -> RunResult:
 
 def diagnostics_for(run: Run, steps: int) -> Diagnostics | None:
     """The live checks of a run (None when train.diagnostics is off)."""
-    if not run.cfg.train.diagnostics:
+    if not run.cfg.train.diagnostics or not run.dist.is_main:
         return None
     device = run.loaded.hardware.device
     return Diagnostics(Limits(total_steps=steps, memory_budget_bytes=memory_limit(run.cfg, device),
@@ -330,7 +400,7 @@ def between_steps(run: Run, tr: Trainer, mon: Monitor, hist: History, saver: Sav
 def keep_best(run: Run, hist: History, ended: int, mon: Monitor) -> None:
     """Keep best/ only when a validation before the end beat the final one; say where it is."""
     best, final = hist.best, hist.val_losses[-1] if hist.val_losses else None
-    if not run.dir.best.is_dir():
+    if not run.dist.is_main or not run.dir.best.is_dir():
         return
     if final is None or best.step is None or best.step >= ended or final[1] <= best.loss:
         shutil.rmtree(run.dir.best, ignore_errors=True)  # the final adapter is the best one
@@ -364,23 +434,45 @@ def train_record(run: Run, tr: Trainer, out: StepOutcome) -> TrainRecord:
 def validate(run: Run, tr: Trainer, mon: Monitor, hist: History) -> bool:
     """Mean loss per target token on the validation set, recorded at the current step; True at a new best."""
     t0 = time.perf_counter()
-    v, n = mean_target_loss(run.model, run.val_set, tr.micro, tr.pad_id, tr.device, tr.packing)
+    v, n = validation_loss(run, tr, mon, hist)
     hist.val_s = time.perf_counter() - t0
     hist.val_losses.append((tr.step, v))
     mon.eval(tr.step, v, n)
     return hist.best.update(tr.step, v)
 
 
-def restore(run: Run, tr: Trainer, saver: Saver, point: Path, state: TrainState, accept_changes: bool,
-            hist: History) -> None:
-    """Put a checkpoint's adapter, optimizer, schedule, loss scale and history back (RNG: in `begin`)."""
-    check_compatible(state, run.cfg, point, accept_changes, data_now=saver.fingerprints["data_fingerprint"])
-    load_adapter_weights(run.model, point)
-    tr.optimizer.load_state_dict(state.optimizer)
+def validation_loss(run: Run, tr: Trainer, mon: Monitor, hist: History) -> tuple[float, int]:
+    """Mean validation loss and target count; on out of memory, halve validation's micro-batch (for the rest of
+    the run) and redo it: it computes no gradients, so nothing else changes."""
+    while True:
+        micro = min(tr.micro, hist.val_micro or tr.micro)
+        try:
+            return mean_target_loss(run.model, run.val_set, micro, tr.pad_id, tr.device, tr.packing)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(e):
+                raise
+            if micro == 1:
+                raise DesktuneError(
+                    f"out of memory in validation at step {tr.step} even with micro-batch 1",
+                    where="data.max_seq_len", fix="lower data.max_seq_len (the longest validation samples decide), "
+                    f"turn on train.gradient_checkpointing, or load the base with model.quant: nf4; {tr.kept()}",
+                ) from e
+            del e  # its traceback holds the failed pass's tensors
+        release_memory(tr.device)
+        hist.val_micro = max(1, micro // 2)
+        mon.event(f"out of memory in validation at step {tr.step}: its micro-batch {micro} -> {hist.val_micro}; "
+                  "redoing it", name="val_oom_recovery", step=tr.step, val_micro_batch_size=hist.val_micro)
+
+
+def restore(run: Run, tr: Trainer, state: TrainState, hist: History) -> None:
+    """Put a checkpoint's optimizer, schedule, loss scale and history back (adapter: before wrapping; RNG: in
+    `begin`). A full optimizer state is cut to this rank's shards under fsdp2."""
+    sharded = run.replica is not None and run.dist.mode == "fsdp2"
+    tr.optimizer.load_state_dict(shard_optimizer_state(tr.optimizer, state.optimizer) if sharded else state.optimizer)
     tr.scheduler.load_state_dict(state.scheduler)
     tr.scaler.load_state_dict(state.scaler)
     tr.micro = state.micro_batch_size
-    kept = truncate_records(run.dir.metrics, state.step)
+    kept = truncate_records(run.dir.metrics, state.step, rewrite=run.dist.is_main)
     hist.train_losses += [r.loss for r in records_of(kept, TrainRecord)]
     hist.val_losses += [(r.step, r.val_loss) for r in records_of(kept, EvalRecord)]
     hist.best, hist.kept = Best.of(kept), kept
@@ -394,6 +486,7 @@ def within_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, samples: I
     step_s = time_steps(tr, head, mon)
     budget = parse_duration(tcfg.time_budget)
     steps = fit_steps(budget, time.perf_counter() - wall0, step_s, wish, hist.val_s, tcfg.eval_every)
+    steps = from_main(run.dist, steps)  # every rank runs rank 0's count
     tr.total_steps, tr.scheduler = steps, make_scheduler(tr.optimizer, tcfg, steps)
     mon.retarget(steps)
     mon.event(f"time budget {tcfg.time_budget}: a step takes {step_s:.2f} s (measured), so {steps} steps fit "
@@ -482,42 +575,89 @@ class Saver:
         return cls(run, meta, {"config_fingerprint": config_fingerprint(run.cfg),
                                "data_fingerprint": data_fingerprint(run.cfg)})
 
+    @contextmanager
+    def writing(self, folder: Path, what: str) -> Iterator[None]:
+        """A failed write of `folder` (a full disk) becomes one message naming it; the atomic write left the
+        folders saved before as they were."""
+        try:
+            yield
+        except (OSError, SafetensorError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise DesktuneError(
+                f"cannot write {what} ({why})", where=str(folder),
+                fix=("free space on that disk" if full else "make the run folder writable") + ", then continue "
+                f"with desktune train CONFIG --resume; {kept_note(self.run.dir.latest_checkpoint())}") from e
+
+    @property
+    def sharded(self) -> bool:
+        return self.run.replica is not None and self.run.dist.mode == "fsdp2"
+
+    def _weights(self) -> dict[str, torch.Tensor] | None:
+        """FSDP2: the adapter gathered from every rank's shards (all ranks call); else the model saves its own."""
+        return full_adapter_state(self.run.model) if self.sharded else None
+
     def checkpoint(self, tr: Trainer, mon: Monitor) -> Path:
-        """A resumable checkpoint after step `tr.step`; older ones beyond checkpoint.keep_last are deleted."""
-        state = TrainState(step=tr.step, micro_batch_size=tr.micro, optimizer=tr.optimizer.state_dict(),
+        """A resumable checkpoint after step `tr.step` (written by rank 0; the optimizer's state gathered, so it
+        resumes on any number of processes); older ones beyond checkpoint.keep_last are deleted."""
+        optimizer = full_optimizer_state(tr.optimizer) if self.sharded else tr.optimizer.state_dict()
+        state = TrainState(step=tr.step, micro_batch_size=tr.micro, optimizer=optimizer,
                            scheduler=tr.scheduler.state_dict(), scaler=tr.scaler.state_dict(), rng=capture_rng(),
                            total_steps=tr.total_steps, **self.fingerprints)
-        out = save_checkpoint(self.run.model, self.run.loaded.tokenizer, self.run.dir.checkpoint(tr.step),
-                              base_path=self.run.loaded.base_path, meta={**self.meta, "step": tr.step}, state=state)
+        folder, weights = self.run.dir.checkpoint(tr.step), self._weights()
+        if not self.run.dist.is_main:
+            return folder
+        with self.writing(folder, "the checkpoint"):
+            out = save_checkpoint(self.run.model, self.run.loaded.tokenizer, folder,
+                                  base_path=self.run.loaded.base_path, meta={**self.meta, "step": tr.step},
+                                  state=state, weights=weights)
         self.run.dir.prune_checkpoints(self.run.cfg.checkpoint.keep_last)
         mon.checkpoint(tr.step, out)
         return out
 
+    def _adapter(self, folder: Path, what: str, meta: dict[str, Any]) -> Path:
+        """An adapter folder written by rank 0 (from the gathered weights under fsdp2)."""
+        weights = self._weights()
+        if not self.run.dist.is_main:
+            return folder
+        with self.writing(folder, what):
+            return save_adapter(self.run.model, self.run.loaded.tokenizer, folder,
+                                base_path=self.run.loaded.base_path, meta={**self.meta, **meta}, weights=weights)
+
     def best(self, tr: Trainer, mon: Monitor, val_loss: float) -> Path:
         """The adapter of a new lowest validation loss, in best/ (replaced at each new best)."""
-        out = save_adapter(self.run.model, self.run.loaded.tokenizer, self.run.dir.best,
-                           base_path=self.run.loaded.base_path,
-                           meta={**self.meta, "step": tr.step, "val_loss": val_loss})
+        out = self._adapter(self.run.dir.best, "the best adapter", {"step": tr.step, "val_loss": val_loss})
         mon.event(f"new best validation loss {val_loss:.4f}: adapter kept in {out}", name="best_saved",
                   step=tr.step, show=False, val_loss=val_loss)
         return out
 
     def final(self, steps: int, mon: Monitor) -> tuple[Path, int]:
-        """The final adapter folder and its weights' size."""
-        out = save_adapter(self.run.model, self.run.loaded.tokenizer, self.run.dir.adapter,
-                           base_path=self.run.loaded.base_path, meta={**self.meta, "step": steps})
-        size = adapter_size(out)
+        """The final adapter folder and its weights' size (0 on ranks that do not write)."""
+        out = self._adapter(self.run.dir.adapter, "the final adapter", {"step": steps})
+        size = adapter_size(out) if self.run.dist.is_main else 0
         mon.saved(steps, out, size)
         return out, size
 
 
 def train(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False,
           resume: str | Path | bool | None = None, accept_changes: bool = False) -> RunResult:
-    """Set up and run one fine-tuning run; `resume` continues one exactly from a checkpoint."""
+    """Set up and run one fine-tuning run; `resume` continues one exactly from a checkpoint. Under torchrun each
+    process is one rank of the run (only rank 0 prints and writes)."""
+    dist = from_env(cfg.train.distributed)
+    join_group(dist, pick_device(cfg.train.device), cfg.train.collective_timeout_s)
+    try:
+        return _train(cfg, dist, console, quiet or not dist.is_main, resume, accept_changes)
+    finally:
+        leave_group(dist)
+
+
+def _train(cfg: RunConfig, dist: Dist, console: Console | None, quiet: bool, resume: str | Path | bool | None,
+           accept_changes: bool) -> RunResult:
     if resume:
         point = find_checkpoint(cfg.output_dir, cfg.run_name, resume)
+        state = load_state(point)  # before the model loads: a refused or damaged state costs nothing
         run_dir = RunDir.of_checkpoint(point).path
         cfg = cfg.model_copy(update={"output_dir": str(run_dir.parent), "run_name": run_dir.name})
-        return fit(setup(cfg, console=console, quiet=quiet, existing=run_dir), resume=point,
+        return fit(setup(cfg, console=console, quiet=quiet, existing=run_dir, dist=dist), resume=point, state=state,
                    accept_changes=accept_changes)
-    return fit(setup(cfg, console=console, quiet=quiet))
+    return fit(setup(cfg, console=console, quiet=quiet, dist=dist))

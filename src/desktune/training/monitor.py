@@ -37,7 +37,7 @@ class Monitor:
     """Writes the run's records and drives a progress bar showing loss, lr, tokens/s and memory."""
 
     def __init__(self, run_dir: RunDir, total_steps: int, console: Console | None = None, *, quiet: bool = False,
-                 diagnostics: Diagnostics | None = None):
+                 diagnostics: Diagnostics | None = None, records: bool = True):
         self.path: Path = run_dir.metrics
         self.console = console or Console(stderr=True)
         self.total_steps = total_steps
@@ -46,7 +46,7 @@ class Monitor:
         self.last_eval: EvalRecord | None = None
         self._progress: Progress | None = None
         self._task: Any = None
-        self._writer = RecordWriter(self.path)
+        self._writer = RecordWriter(self.path) if records else None  # ranks but 0 of several write nothing
         self.diagnostics = diagnostics
 
     def __enter__(self) -> Monitor:
@@ -63,7 +63,8 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.__exit__(None, None, None)
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def retarget(self, total_steps: int) -> None:
         """The run's step count changed before its first step (train.time_budget fixed it)."""
@@ -76,7 +77,8 @@ class Monitor:
     def write(self, record: Record) -> Record:
         """Stamp a record with the time since the start and append it (flushed at once)."""
         record.time_s = round(time.perf_counter() - self.start, 3)
-        self._writer.write(record)
+        if self._writer is not None:
+            self._writer.write(record)
         if self.diagnostics is not None and isinstance(record, TrainRecord | EvalRecord):
             for finding in self.diagnostics.observe(record):
                 self.diagnose(finding)

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from desktune.data import Example, micro_batches
+from desktune.data import Example, micro_batches, step_order
 from desktune.errors import DesktuneError
+from desktune.training.distributed import Dist, Replica, any_rank, local_context, most, total
 from desktune.training.monitor import Monitor
 from desktune.training.objectives import Objective
 from desktune.training.speed import Switches
@@ -46,6 +47,20 @@ class Trainer:
     micro: int  # samples per micro-batch: halved by OOM recovery, the samples per step never change
     step: int = 0  # the optimizer step being computed (1-based)
     total_steps: int = 0  # the run's optimizer steps (the schedule ends there)
+    last_checkpoint: Callable[[], Path | None] = lambda: None  # named when the run stops
+    dist: Dist = field(default_factory=Dist)  # this process among the run's (one process: rank 0 of 1)
+    replica: Replica | None = None  # the DDP wrapper or FSDP2 layers (several processes only)
+
+    def kept(self) -> str:
+        """What a message that stops the run says about the saved checkpoints."""
+        return kept_note(self.last_checkpoint())
+
+
+def kept_note(last: Path | None) -> str:
+    """What a message that stops a run says about its saved checkpoints (`last`: the newest complete one)."""
+    if last is None:
+        return "no checkpoint was saved yet (checkpoint.every saves some)"
+    return f"the last checkpoint, {last}, is intact"
 
 
 class Verdict(Enum):
@@ -79,15 +94,15 @@ class StepOutcome:
     seconds: float
 
 
-def forward_backward(tr: Trainer, batch: dict[str, torch.Tensor], normaliser: int) -> float:
-    """Forward and backward of one micro-batch; returns its summed loss."""
+def forward_backward(tr: Trainer, batch: dict[str, torch.Tensor], normaliser: float) -> float:
+    """Forward and backward of one micro-batch (its summed loss over `normaliser`); returns the summed loss."""
     with tr.switches.forward_context(tr.device, tr.model):
         s = tr.objective.loss_sum(tr.model, batch, tr.device)
     tr.scaler.scale(s / normaliser).backward()
     return float(s.detach())
 
 
-def accumulate(tr: Trainer, examples: list[Example], normaliser: int) -> Accumulated:
+def accumulate(tr: Trainer, examples: list[Example], normaliser: float) -> Accumulated:
     """Gradients of a step's samples, micro-batch by micro-batch."""
     acc = Accumulated()
     for chunk, batch in micro_batches(examples, tr.micro, packing=tr.packing, pad_id=tr.pad_id,
@@ -117,21 +132,49 @@ def free_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def accumulate_with_recovery(tr: Trainer, examples: list[Example], normaliser: int, mon: Monitor) -> Accumulated:
-    """`accumulate`; on out of memory, halve the micro-batch and redo the step with the same samples."""
-    while True:
-        try:
+def _try_accumulate(tr: Trainer, examples: list[Example], normaliser: float) -> Accumulated | None:
+    """`accumulate` without communicating; None when this rank ran out of memory (its gradients dropped)."""
+    try:
+        with local_context(tr.replica):
             return accumulate(tr, examples, normaliser)
-        except RuntimeError as e:  # torch.OutOfMemoryError is one
-            if not is_out_of_memory(e):
-                raise
-            tr.optimizer.zero_grad(set_to_none=True)
-            if tr.micro == 1:
-                raise DesktuneError(
-                    f"out of memory at step {tr.step} even with micro-batch 1", where="train.micro_batch_size",
-                    fix="turn on train.gradient_checkpointing, lower data.max_seq_len, or load the base with "
-                    "model.quant: nf4 (saved checkpoints are kept)") from e
-            del e  # its traceback holds the failed step's tensors
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(e):
+            raise
+        if tr.dist.active and tr.dist.mode == "fsdp2":  # the other ranks wait in this pass's all-gathers
+            raise DesktuneError(f"out of memory on rank {tr.dist.rank} at step {tr.step} under fsdp2, whose "
+                                "passes the ranks must run together: the run stops", where="train.micro_batch_size",
+                                fix=f"lower train.micro_batch_size (the same samples per step), or use more "
+                                f"processes; {tr.kept()}") from e
+    tr.optimizer.zero_grad(set_to_none=True)
+    return None
+
+
+def my_share(tr: Trainer, examples: list[Example]) -> list[Example]:
+    """This rank's samples of the step: the micro-batches one process would form, dealt out in contiguous runs,
+    so each rank's micro-batches are exactly one process's and only the final sum of gradients is regrouped."""
+    if not tr.dist.active:
+        return examples
+    order = step_order(examples, packing=tr.packing, group_by_length=tr.group_by_length)
+    chunks = [order[i:i + tr.micro] for i in range(0, len(order), tr.micro)]
+    n, r, w = len(chunks), tr.dist.rank, tr.dist.world
+    return [ex for chunk in chunks[r * n // w:(r + 1) * n // w] for ex in chunk]
+
+
+def accumulate_with_recovery(tr: Trainer, examples: list[Example], normaliser: float,
+                             mon: Monitor) -> tuple[Accumulated, int]:
+    """`accumulate` of this rank's share (and how many samples that was); when any rank ran out of memory,
+    every rank halves the micro-batch and redoes the step with the same samples."""
+    while True:
+        mine = my_share(tr, examples)
+        acc = _try_accumulate(tr, mine, normaliser)
+        if not any_rank(tr.dist, acc is None, tr.device):
+            return acc, len(mine)  # type: ignore[return-value]  (None only when some rank ran out)
+        tr.optimizer.zero_grad(set_to_none=True)
+        if tr.micro == 1:
+            raise DesktuneError(
+                f"out of memory at step {tr.step} even with micro-batch 1", where="train.micro_batch_size",
+                fix="turn on train.gradient_checkpointing, lower data.max_seq_len, or load the base with "
+                f"model.quant: nf4; {tr.kept()}")
         free_memory(tr.device)
         per_step, old = len(examples), tr.micro
         tr.micro //= 2
@@ -141,11 +184,22 @@ def accumulate_with_recovery(tr: Trainer, examples: list[Example], normaliser: i
                   grad_accum=math.ceil(per_step / tr.micro))
 
 
+def synchronise(tr: Trainer, acc: Accumulated, n_local: int) -> Accumulated:
+    """Several processes: the gradient sync (after as many passes on every rank) and the step's totals."""
+    if tr.replica is None:
+        return acc
+    passes = most(tr.dist, math.ceil(n_local / tr.micro), tr.device) - math.ceil(n_local / tr.micro)
+    tr.replica.sync(tr.pad_id, tr.device, passes if tr.dist.mode == "fsdp2" else 0)
+    loss_sum, tokens = total(tr.dist, [acc.loss_sum, acc.tokens], tr.device)
+    return Accumulated(loss_sum=loss_sum, tokens=int(tokens), nonfinite_sources=acc.nonfinite_sources)
+
+
 def apply_update(tr: Trainer, acc: Accumulated, normaliser: int) -> tuple[Verdict, float, float, float]:
     """Clip, judge and (when the gradients are finite) apply them; returns (verdict, loss, grad norm, lr)."""
     clip = tr.max_grad_norm if tr.max_grad_norm is not None else float("inf")
     tr.scaler.unscale_(tr.optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.params, clip))
+    norm = torch.nn.utils.clip_grad_norm_(tr.params, clip)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # fsdp2: a DTensor
     lr = tr.scheduler.get_last_lr()[0]
     loss = acc.loss_sum / normaliser
     verdict = Verdict.UPDATED
@@ -162,12 +216,30 @@ def apply_update(tr: Trainer, acc: Accumulated, normaliser: int) -> tuple[Verdic
     return verdict, loss, grad_norm, lr
 
 
+def update_or_stop(tr: Trainer, acc: Accumulated, normaliser: int) -> tuple[Verdict, float, float, float]:
+    """`apply_update`; out of memory there stops the run: a smaller micro-batch does not shrink the optimizer's
+    state, and an update that failed part way cannot be redone exactly."""
+    try:
+        return apply_update(tr, acc, normaliser)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(e):
+            raise
+        tr.optimizer.zero_grad(set_to_none=True)
+        raise DesktuneError(
+            f"out of memory in the optimizer update of step {tr.step} (the optimizer's state and the update need "
+            "memory the micro-batch size does not change)", where="train.optimizer",
+            fix="use train.optimizer: adamw_8bit (a quarter of the state memory), lower lora.r, or load the base "
+            f"with model.quant: nf4; {tr.kept()}") from e
+
+
 def train_step(tr: Trainer, examples: list[Example], mon: Monitor) -> StepOutcome:
     """One optimizer step over `examples`: accumulate, judge, update."""
     t0 = time.perf_counter()
-    normaliser = tr.objective.normaliser(examples)
-    acc = accumulate_with_recovery(tr, examples, normaliser, mon)
-    verdict, loss, grad_norm, lr = apply_update(tr, acc, normaliser)
+    normaliser = tr.objective.normaliser(examples)  # of the whole step: every rank holds its samples
+    # DDP and FSDP2 average the ranks' gradients: times the world size, their mean is one process's sum
+    acc, mine = accumulate_with_recovery(tr, examples, normaliser / tr.dist.world, mon)
+    acc = synchronise(tr, acc, mine)
+    verdict, loss, grad_norm, lr = update_or_stop(tr, acc, normaliser)
     return StepOutcome(verdict=verdict, loss=loss, grad_norm=grad_norm, lr=lr, tokens=acc.tokens,
                        target_tokens=normaliser, nonfinite_sources=acc.nonfinite_sources,
                        seconds=time.perf_counter() - t0)

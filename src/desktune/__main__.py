@@ -1,0 +1,5 @@
+"""`python -m desktune` (what `torchrun -m desktune train CONFIG` and `desktune train --nproc N` start)."""
+
+from desktune.cli import main
+
+main()
