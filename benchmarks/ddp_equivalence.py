@@ -1,7 +1,7 @@
 """One process against two (DDP, then FSDP2) on the same config and global batch, and a checkpoint of two
 processes resumed on one; every run is a real `desktune train` (the two-process ones through `--nproc 2`).
 
-Usage: python benchmarks/ddp_equivalence.py [--model embedded|tiny] [--steps 6] [--backend gloo|nccl]
+Usage: python benchmarks/ddp_equivalence.py [--model embedded|tiny] [--steps 6] [--grad-accum 4] [--backend gloo|nccl]
 Last line: RESULT ddp_max_abs_weight_diff=<x> fsdp_max_abs_weight_diff=<x> resume_across_sizes=<ok|fail>
 Targets: both differences <= 1e-5; the resumed run ends at the one-process adapter (within 1e-5).
 gloo runs the processes on the CPU; nccl on one CUDA card per process (not run here).
@@ -32,12 +32,12 @@ TOLERANCE = 1e-5
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def config(root: Path, model: str, data: Path, steps: int, device: str, name: str, mode: str) -> Path:
-    """The run's config: all-linear LoRA, 8 samples per step in micro-batches of 2, a checkpoint every 2 steps."""
+def config(root: Path, model: str, data: Path, steps: int, device: str, name: str, mode: str, accum: int) -> Path:
+    """The run's config: all-linear LoRA, `accum` micro-batches of 2 samples per step, a checkpoint every 2 steps."""
     raw = {"model": {"name": model, "dtype": "fp32"}, "run_name": name, "output_dir": str(root / "runs"),
            "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
            "data": {"train": str(data), "val_fraction": 0.0, "max_seq_len": 128, "replay": 0},
-           "train": {"max_steps": steps, "micro_batch_size": 2, "grad_accum": 4, "lr": 1e-3, "device": device,
+           "train": {"max_steps": steps, "micro_batch_size": 2, "grad_accum": accum, "lr": 1e-3, "device": device,
                      "distributed": mode, "diagnostics": False},
            "checkpoint": {"every": 2, "keep_last": 10}}
     path = root / f"{name}.yaml"
@@ -75,22 +75,23 @@ def main() -> None:
     ap.add_argument("--model", choices=["embedded", "tiny"], default="embedded")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches of 2 per step (4: two per process)")
     args = ap.parse_args()
     device = "cuda" if args.backend == "nccl" else "cpu"
     root = Path(tempfile.mkdtemp(prefix="ddp-equivalence-"))
     model = EMBEDDED_MODEL if args.model == "embedded" else str(make_model_dir(root / "tiny"))
     data = ROOT / "examples" / "demo" / "train.jsonl" if args.model == "embedded" else write_chat_data(
         root / "chats.jsonl", n=64)
-    print(f"{cpu_name()}, {os.cpu_count()} cores; backend {args.backend}; model {model}; {args.steps} steps of 8 "
-          f"samples; folder {root}", flush=True)
+    print(f"{cpu_name()}, {os.cpu_count()} cores; backend {args.backend}; model {model}; {args.steps} steps of "
+          f"{2 * args.grad_accum} samples; folder {root}", flush=True)
     runs, wall = {}, {}
     for name, mode, nproc in [("one", "ddp", 1), ("ddp", "ddp", 2), ("fsdp2", "fsdp2", 2)]:
-        cfg = config(root, model, data, args.steps, device, name, mode)
+        cfg = config(root, model, data, args.steps, device, name, mode, args.grad_accum)
         wall[name] = desktune("train", str(cfg), "-q", "--nproc", str(nproc))
         runs[name] = root / "runs" / name
         print(f"  {name}: {nproc} process(es), {wall[name]:.1f} s", flush=True)
     ddp, fsdp = max_diff(runs["ddp"], runs["one"]), max_diff(runs["fsdp2"], runs["one"])
-    resumed = config(root, model, data, args.steps, device, "fsdp2", "fsdp2")
+    resumed = config(root, model, data, args.steps, device, "fsdp2", "fsdp2", args.grad_accum)
     desktune("train", str(resumed), "-q", "--resume", str(RunDir(runs["fsdp2"]).checkpoint(2)))
     across = max_diff(runs["fsdp2"], runs["one"])
     print(f"  largest weight difference against one process: ddp {ddp:.2e}, fsdp2 {fsdp:.2e}; the fsdp2 run's "

@@ -149,6 +149,37 @@ def test_a_killed_rank_stops_the_run_on_every_rank(tmp_path, tiny_model_dir):
     assert is_complete_checkpoint(point) and load_state(point).step == checkpoint_step(point)  # resumable
 
 
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_after_the_same_step(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, "term")
+    cfg.write_text(cfg.read_text().replace(f"max_steps: {STEPS}", "max_steps: 400").replace("every: 2", "every: 1000"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "desktune", "train", str(cfg), "--nproc", "2", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run = RunDir(tmp_path / "runs" / "term")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            run.metrics.is_file() and run.metrics.read_text().count('"type": "train"') >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    stops = [e for e in records_of(read_records(run.metrics), EventRecord) if e.name == "stopped"]
+    assert len(stops) == 1 and err.count("stopped after step") == 1  # rank 0 alone writes and says it
+    assert run.latest_checkpoint() == run.checkpoint(stops[0].step)  # saved at the step both ranks stopped after
+    assert is_complete_checkpoint(run.latest_checkpoint())
+
+
+def test_offloading_parameters_is_refused_off_cuda():
+    from desktune.errors import DesktuneError
+    from desktune.training.distributed import Dist, check_settings
+
+    check_settings(Dist(rank=0, world=2), torch.device("cuda", 0), offload_params=True)
+    check_settings(Dist(), torch.device("cpu"), offload_params=True)  # one process: fsdp2 is not in use
+    with pytest.raises(DesktuneError, match=r"train\.offload_params"):
+        check_settings(Dist(rank=0, world=2), torch.device("cpu"), offload_params=True)
+
+
 @pytest.mark.parametrize("shardable,storage", [(False, torch.uint8), (True, torch.bfloat16)])
 def test_fsdp2_stores_4bit_weights_in_the_compute_dtype(shardable, storage):
     """QLoRA under FSDP2 (CUDA only, not run here): bitsandbytes keeps the 4-bit codes in bf16 storage, so

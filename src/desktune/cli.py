@@ -150,6 +150,8 @@ def train(
         result = run_train(cfg, console=out, quiet=quiet, resume=True if resume == LATEST else resume,
                            accept_changes=accept_changes)
     except TrainingInterrupted as stop:
+        if os.environ.get("RANK", "0") != "0":  # one of several processes: rank 0 says it
+            raise typer.Exit(130) from None
         err.print(f"stopped after step {stop.step}; checkpoint saved: {stop.checkpoint}\n"
                   f"resume with: desktune train {config} --resume {RunDir.of_checkpoint(Path(stop.checkpoint)).path}")
         raise typer.Exit(130) from None

@@ -104,10 +104,12 @@ def detect(device: str = "auto", dtype: str = "auto") -> Hardware:
     return Hardware(device=dev, dtype=pick_dtype(dtype, dev))
 
 
-def set_threads(threads: int | None) -> None:
-    """Use the given number of CPU threads (default: every core this process may use)."""
+def set_threads(threads: int | None, processes: int = 1) -> None:
+    """Use the given number of CPU threads (default: this process's share of the cores it may use, when
+    `processes` of one run share this machine: more threads than cores make each rank wait on the others)."""
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = cores // max(1, processes)
     torch.set_num_threads(max(1, threads))
 
 

@@ -35,6 +35,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     mode: str = "ddp"
+    local_world: int = 1  # the run's processes on this machine (they share its cores)
 
     @property
     def active(self) -> bool:
@@ -52,7 +53,7 @@ def from_env(mode: str = "ddp") -> Dist:
     if world <= 1:
         return Dist(mode=mode)
     return Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                mode=mode)
+                mode=mode, local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 def start(d: Dist, device: torch.device, timeout_s: float) -> None:
@@ -69,6 +70,14 @@ def stop(d: Dist) -> None:
     """Leave the process group."""
     if d.active and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_settings(d: Dist, device: torch.device, offload_params: bool) -> None:
+    """Refuse, before anything loads, what the run's processes cannot do on this device."""
+    if d.active and offload_params and device.type != "cuda":
+        raise DesktuneError("it moves FSDP2's shards from GPU memory to host memory, and on "
+                            f"{device.type} they are in host memory already", where="train.offload_params",
+                            fix="leave train.offload_params off here (it is for CUDA)")
 
 
 def device_for(d: Dist, device: torch.device) -> torch.device:

@@ -63,6 +63,7 @@ from desktune.training.distributed import (
     Dist,
     Replica,
     any_rank,
+    check_settings,
     device_for,
     from_env,
     from_main,
@@ -157,8 +158,9 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
     console, dist = console or Console(stderr=True), dist or Dist()
     hw = detect(cfg.train.device, cfg.model.dtype)
     hw = replace(hw, device=device_for(dist, hw.device))
+    check_settings(dist, hw.device, cfg.train.offload_params)
     cfg, fit_note = fit_to_budget(cfg, hw, nproc=dist.world)  # before anything loads: refuse when nothing fits
-    set_threads(cfg.train.threads)
+    set_threads(cfg.train.threads, processes=dist.local_world)
     seed_everything(cfg.train.seed)
     if existing is not None:
         if not quiet:

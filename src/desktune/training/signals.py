@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -25,9 +26,10 @@ class GracefulStop:
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C leaves at once
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # a rank keeps waiting: torch's launcher follows a
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ctrl-C with SIGTERM, and the step must be saved
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
