@@ -100,6 +100,7 @@ def test_keys_a_resume_may_change_are_declared_on_the_fields():
     volatile = resume_may_change()
     assert volatile == {"output_dir", "run_name", "checkpoint.every", "checkpoint.keep_last", "train.threads",
                         "train.eval_every", "train.diagnostics", "train.device", "train.memory_budget",
-                        "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing"}
+                        "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing",
+                        "train.distributed", "train.offload_params", "train.collective_timeout_s"}
     fingerprint = config_fingerprint(load_config({"data": {"train": "x.jsonl"}}))
     assert not volatile & fingerprint.keys() and {"train.lr", "lora.r", "data.train"} <= fingerprint.keys()

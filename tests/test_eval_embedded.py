@@ -71,8 +71,8 @@ def test_report_of_the_demo_in_chromium(demo_run, demo_eval, tmp_path):
 
 def test_forgetting_rises_when_a_run_over_trains(demo_run, demo_eval, tmp_path):
     over = load_config(examples_dir() / "demo.yaml", [
-        f"output_dir={tmp_path}", "train.epochs=2", "train.lr=4e-3", "data.replay=0", "train.eval_every=null",
-        "checkpoint.every=null"])
+        f"output_dir={tmp_path}", "train.epochs=1", "train.lr=8e-3", "data.replay=0", "train.eval_every=null",
+        "checkpoint.every=null"])  # one epoch at 8x the demo's lr, no replay: pushed, in half the steps of two
     result = train(over, quiet=True)
     pushed = evaluate(EvalRequest(run_dir=result.run_dir, probe=False, nf4=False)).forgetting
     demo = demo_eval[0].forgetting
