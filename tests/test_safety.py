@@ -252,15 +252,23 @@ def pickled_model(tmp_path, tiny_model_dir) -> Path:
     return folder
 
 
-def test_a_model_stored_as_a_pickle_is_refused_by_train_and_generate(pickled_model, tmp_path, monkeypatch, capsys):
+def _refused_by_train_and_generate(model: Path, tmp_path: Path, monkeypatch, capsys) -> list[str]:
+    """`desktune train` on a config of `model` and `desktune generate --model`: both exit 2 without a traceback;
+    returns their whitespace-flattened messages."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(pickled_model, tmp_path, run_name="p")))
-    for argv in (["train", str(cfg)], ["generate", "hi", "--model", str(pickled_model)]):
+    cfg.write_text(yaml.safe_dump(tiny_config(model, tmp_path, run_name="refused")))
+    said = []
+    for argv in (["train", str(cfg)], ["generate", "hi", "--model", str(model)]):
         code, _, err = run_main(monkeypatch, capsys, *argv)
-        flat = " ".join(err.split())
         assert code == 2 and "Traceback" not in err, err
+        said.append(" ".join(err.split()))
+    return said
+
+
+def test_a_model_stored_as_a_pickle_is_refused_by_train_and_generate(pickled_model, tmp_path, monkeypatch, capsys):
+    for flat in _refused_by_train_and_generate(pickled_model, tmp_path, monkeypatch, capsys):
         assert f"{pickled_model}: the model's weights is stored as a pickle (pytorch_model.bin)" in flat
-    assert not (tmp_path / "runs" / "p").exists()  # the refused run left no folder behind
+    assert not (tmp_path / "runs" / "refused").exists()  # the refused run left no folder behind
 
 
 def test_allow_pickle_loads_a_pickled_model(pickled_model, monkeypatch, capsys):
@@ -307,12 +315,7 @@ def remote_code_model(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
 
 def test_a_model_that_needs_its_own_code_is_refused(remote_code_model, tmp_path, monkeypatch, capsys):
     folder, marker = remote_code_model
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(folder, tmp_path, run_name="c")))
-    for argv in (["train", str(cfg)], ["generate", "hi", "--model", str(folder)]):
-        code, _, err = run_main(monkeypatch, capsys, *argv)
-        flat = " ".join(err.split())
-        assert code == 2 and "Traceback" not in err, err
+    for flat in _refused_by_train_and_generate(folder, tmp_path, monkeypatch, capsys):
         assert (f"{folder}: this model needs its own Python code to load (configuration_custom.py, "
                 "modeling_custom.py, named by auto_map in config.json)") in flat
         assert "model.trust_remote_code: true" in flat.split("Fix:")[1]

@@ -45,6 +45,11 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Several processes under fsdp2: parameters, gradients and optimizer state are DTensor shards."""
+        return self.active and self.mode == "fsdp2"
+
 
 def from_env(mode: str = "ddp") -> Dist:
     """The process's rank and world size as torchrun sets them (RANK, WORLD_SIZE, LOCAL_RANK); one process
@@ -172,7 +177,7 @@ def replicate(model: Any, d: Dist, device: torch.device, offload_params: bool = 
     """Wrap the peft model for the run's mode (None for one process)."""
     if not d.active:
         return None
-    if d.mode == "fsdp2":
+    if d.sharded:
         return _shard(model, d, device, offload_params)
     from torch.nn.parallel import DistributedDataParallel
 

@@ -469,8 +469,8 @@ def validation_loss(run: Run, tr: Trainer, mon: Monitor, hist: History) -> tuple
 def restore(run: Run, tr: Trainer, state: TrainState, hist: History) -> None:
     """Put a checkpoint's optimizer, schedule, loss scale and history back (adapter: before wrapping; RNG: in
     `begin`). A full optimizer state is cut to this rank's shards under fsdp2."""
-    sharded = run.replica is not None and run.dist.mode == "fsdp2"
-    tr.optimizer.load_state_dict(shard_optimizer_state(tr.optimizer, state.optimizer) if sharded else state.optimizer)
+    tr.optimizer.load_state_dict(
+        shard_optimizer_state(tr.optimizer, state.optimizer) if run.dist.sharded else state.optimizer)
     tr.scheduler.load_state_dict(state.scheduler)
     tr.scaler.load_state_dict(state.scaler)
     tr.micro = state.micro_batch_size
@@ -591,18 +591,14 @@ class Saver:
                 fix=("free space on that disk" if full else "make the run folder writable") + ", then continue "
                 f"with desktune train CONFIG --resume; {kept_note(self.run.dir.latest_checkpoint())}") from e
 
-    @property
-    def sharded(self) -> bool:
-        return self.run.replica is not None and self.run.dist.mode == "fsdp2"
-
     def _weights(self) -> dict[str, torch.Tensor] | None:
         """FSDP2: the adapter gathered from every rank's shards (all ranks call); else the model saves its own."""
-        return full_adapter_state(self.run.model) if self.sharded else None
+        return full_adapter_state(self.run.model) if self.run.dist.sharded else None
 
     def checkpoint(self, tr: Trainer, mon: Monitor) -> Path:
         """A resumable checkpoint after step `tr.step` (written by rank 0; the optimizer's state gathered, so it
         resumes on any number of processes); older ones beyond checkpoint.keep_last are deleted."""
-        optimizer = full_optimizer_state(tr.optimizer) if self.sharded else tr.optimizer.state_dict()
+        optimizer = full_optimizer_state(tr.optimizer) if self.run.dist.sharded else tr.optimizer.state_dict()
         state = TrainState(step=tr.step, micro_batch_size=tr.micro, optimizer=optimizer,
                            scheduler=tr.scheduler.state_dict(), scaler=tr.scaler.state_dict(), rng=capture_rng(),
                            total_steps=tr.total_steps, **self.fingerprints)

@@ -140,13 +140,12 @@ def _try_accumulate(tr: Trainer, examples: list[Example], normaliser: float) -> 
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         if not is_out_of_memory(e):
             raise
-        if tr.dist.active and tr.dist.mode == "fsdp2":  # the other ranks wait in this pass's all-gathers
+        if tr.dist.sharded:  # the other ranks wait in this pass's all-gathers
             raise DesktuneError(f"out of memory on rank {tr.dist.rank} at step {tr.step} under fsdp2, whose "
                                 "passes the ranks must run together: the run stops", where="train.micro_batch_size",
                                 fix=f"lower train.micro_batch_size (the same samples per step), or use more "
                                 f"processes; {tr.kept()}") from e
-    tr.optimizer.zero_grad(set_to_none=True)
-    return None
+    return None  # the caller drops the gradients on every rank
 
 
 def my_share(tr: Trainer, examples: list[Example]) -> list[Example]:
@@ -188,8 +187,8 @@ def synchronise(tr: Trainer, acc: Accumulated, n_local: int) -> Accumulated:
     """Several processes: the gradient sync (after as many passes on every rank) and the step's totals."""
     if tr.replica is None:
         return acc
-    passes = most(tr.dist, math.ceil(n_local / tr.micro), tr.device) - math.ceil(n_local / tr.micro)
-    tr.replica.sync(tr.pad_id, tr.device, passes if tr.dist.mode == "fsdp2" else 0)
+    mine = math.ceil(n_local / tr.micro)  # this rank's passes; fsdp2's all-gathers need as many on every rank
+    tr.replica.sync(tr.pad_id, tr.device, most(tr.dist, mine, tr.device) - mine if tr.dist.sharded else 0)
     loss_sum, tokens = total(tr.dist, [acc.loss_sum, acc.tokens], tr.device)
     return Accumulated(loss_sum=loss_sum, tokens=int(tokens), nonfinite_sources=acc.nonfinite_sources)
 
