@@ -449,7 +449,7 @@ CASES: dict[str, Case] = {
         "impossible_values.yaml",
         ["'lora.r': Input should be greater than 0 (got 0)", "'train.lr': Input should be greater than 0 (got -0.001)",
          "'train.micro_batch_size': Input should be greater than 0 (got 0)"],
-        "set lora.r (default: 16), train.micro_batch_size (default: 2), train.lr (default: auto) to valid values"),
+        "set lora.r (default: 16), train.micro_batch_size (default: 4), train.lr (default: auto) to valid values"),
     "run_folder_not_writable": Case(_not_writable),
     "run_folder_holds_a_run": Case(_existing_run),
     "config_missing": Case(lambda c: (["train", str(c.tmp / "run.yml")],

@@ -3,6 +3,10 @@
 Every micro-batch's summed loss is divided by the objective's normaliser of the whole step (the step's target
 tokens), so any split of the same samples gives the same update; that is also what makes OOM recovery exact
 (halve the micro-batch, redo the step with the same samples).
+
+Micro-batch gradients are added pairwise, ((a+b)+(c+d)), the grouping DDP's all-reduce gives when each of 2^k ranks
+holds 2^j of them: one process and several then round identically (and a pairwise sum rounds less than a running
+one). It keeps at most log2(micro-batches) extra copies of the adapter's gradients.
 """
 
 from __future__ import annotations
@@ -102,16 +106,53 @@ def forward_backward(tr: Trainer, batch: dict[str, torch.Tensor], normaliser: fl
     return float(s.detach())
 
 
+class PairwiseSum:
+    """Each micro-batch's gradients taken out of `.grad` and added pairwise, like a binary counter; `finish` puts
+    the total back. Ours, not autograd's running `+=`: the grouping is what makes several processes exact."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.levels: list[tuple[int, list[torch.Tensor | None]]] = []
+
+    def push(self) -> None:
+        """Take the micro-batch just backpropagated out of `.grad`, merging equal-sized partial sums."""
+        grads, level = [p.grad for p in self.params], 0
+        for p in self.params:
+            p.grad = None
+        while self.levels and self.levels[-1][0] == level:
+            grads, level = _added(self.levels.pop()[1], grads), level + 1
+        self.levels.append((level, grads))
+
+    def finish(self) -> None:
+        """The partial sums added (the later, smaller ones first) and put into `.grad`."""
+        total: list[torch.Tensor | None] | None = None
+        while self.levels:
+            grads = self.levels.pop()[1]
+            total = grads if total is None else _added(grads, total)
+        for p, g in zip(self.params, total or [], strict=True):
+            p.grad = g
+
+
+def _added(earlier: list[torch.Tensor | None], later: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    return [b if a is None else a if b is None else a.add_(b) for a, b in zip(earlier, later, strict=True)]
+
+
 def accumulate(tr: Trainer, examples: list[Example], normaliser: float) -> Accumulated:
-    """Gradients of a step's samples, micro-batch by micro-batch."""
+    """Gradients of a step's samples, micro-batch by micro-batch (pairwise, except under FSDP2, which keeps the
+    unsharded gradients it accumulates to itself)."""
     acc = Accumulated()
+    pairwise = None if tr.dist.sharded else PairwiseSum(tr.params)
     for chunk, batch in micro_batches(examples, tr.micro, packing=tr.packing, pad_id=tr.pad_id,
                                       group_by_length=tr.group_by_length):
         value = forward_backward(tr, batch, normaliser)
+        if pairwise:
+            pairwise.push()
         if not math.isfinite(value):
             acc.nonfinite_sources += [ex.source for ex in chunk]
         acc.loss_sum += value
         acc.tokens += sum(len(ex.input_ids) for ex in chunk)
+    if pairwise:
+        pairwise.finish()
     return acc
 
 
