@@ -84,6 +84,18 @@ def test_two_processes_give_one_process_adapter(mode, single, tmp_path, tiny_mod
 
 
 @pytest.mark.slow
+def test_a_step_of_one_micro_batch_runs_on_two_processes(tmp_path, tiny_model_dir):
+    """The default step (one micro-batch of 4) leaves rank 0 without a share: it still syncs, and the run is one
+    process's."""
+    one = train(load_config(_config(tmp_path, tiny_model_dir, "one-row", micro_batch_size=4, grad_accum=1)),
+                quiet=True).run_dir
+    cfg = _config(tmp_path, tiny_model_dir, "two-row", micro_batch_size=4, grad_accum=1)
+    done = _desktune("train", str(cfg), "--nproc", "2", "-q")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _max_diff(_adapter(tmp_path / "runs" / "two-row"), _adapter(one)) <= TOLERANCE
+
+
+@pytest.mark.slow
 def test_an_oom_on_one_rank_halves_on_both_and_stays_exact(single, tmp_path, tiny_model_dir, monkeypatch):
     from tests.dist_worker import train_rank
 
@@ -174,7 +186,7 @@ def test_sigterm_stops_every_rank_after_the_same_step(tmp_path, tiny_model_dir):
 def _pairwise(grads: list[torch.Tensor]) -> torch.Tensor:
     from desktune.training.step import PairwiseSum
 
-    p = torch.nn.Parameter(torch.zeros(grads[0].shape))
+    p = torch.nn.Parameter(torch.zeros(4096))
     acc = PairwiseSum([p])
     for g in grads:
         p.grad = g.clone()  # what a micro-batch's backward leaves
@@ -191,6 +203,7 @@ def test_micro_batch_gradients_add_in_the_grouping_of_two_ranks():
     assert torch.equal(_pairwise(g[:4]), (g[0] + g[1]) + (g[2] + g[3]))  # rank 0's (a+b) plus rank 1's (c+d)
     assert torch.equal(_pairwise(g[:3]), (g[0] + g[1]) + g[2])
     assert torch.equal(_pairwise(g), ((g[0] + g[1]) + (g[2] + g[3])) + g[4])
+    assert _pairwise([]) is None  # a rank with no micro-batch this step (fewer micro-batches than ranks)
 
 
 def test_offloading_parameters_is_refused_off_cuda():

@@ -124,12 +124,14 @@ class PairwiseSum:
         self.levels.append((level, grads))
 
     def finish(self) -> None:
-        """The partial sums added (the later, smaller ones first) and put into `.grad`."""
-        total: list[torch.Tensor | None] | None = None
+        """The partial sums added (the later, smaller ones first) and put into `.grad`; nothing pushed (a rank
+        whose share of the step is empty) leaves `.grad` as it is."""
+        if not self.levels:
+            return
+        total = self.levels.pop()[1]
         while self.levels:
-            grads = self.levels.pop()[1]
-            total = grads if total is None else _added(grads, total)
-        for p, g in zip(self.params, total or [], strict=True):
+            total = _added(self.levels.pop()[1], total)
+        for p, g in zip(self.params, total, strict=True):
             p.grad = g
 
 
