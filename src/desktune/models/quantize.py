@@ -53,20 +53,24 @@ _TRANSFORMERS_TORCHAO_IMPORTS = (
 
 
 class _DropBnbKernelsNotice(logging.Filter):
-    """Drops the one log line bitsandbytes 0.50 writes when imported on a CPU with AVX512-BF16 but without the
-    optional `kernels` package (its CPU 4-bit gemm, which desktune never uses: torchao quantizes on the CPU).
+    """Drops the log lines bitsandbytes 0.50 causes when imported on a CPU with AVX512-BF16 and it cannot fetch its
+    CPU 4-bit gemm from the Hub's kernels-community (which desktune never uses: torchao quantizes on the CPU):
+    its own advice to `pip install kernels`, and the `kernels` package's offline notice about that repository.
 
-    peft imports bitsandbytes whenever it is installed, so every run would print the advice to `pip install kernels`.
+    peft imports bitsandbytes whenever it is installed, so every run would print them.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_BNB_KERNELS_NOTICE)
+        text = str(record.msg)
+        return not (text.startswith(_BNB_KERNELS_NOTICE) or _BNB_KERNEL_REPO in text)
 
 
 _BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # its module logger; the filter must be there before the import
-if not any(isinstance(f, _DropBnbKernelsNotice) for f in logging.getLogger(_BNB_CPU_LOGGER).filters):
-    logging.getLogger(_BNB_CPU_LOGGER).addFilter(_DropBnbKernelsNotice())
+_BNB_KERNEL_REPO = "'kernels-community/quantization-bitsandbytes'"
+# their module loggers; the filter must be there before the import
+for _logger in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    if not any(isinstance(f, _DropBnbKernelsNotice) for f in logging.getLogger(_logger).filters):
+        logging.getLogger(_logger).addFilter(_DropBnbKernelsNotice())
 
 
 def _check_quant(quant: str) -> str:
