@@ -113,3 +113,26 @@ def test_packed_and_padded_training_give_the_same_adapter(tiny_model_dir, tmp_pa
         assert result.train_losses == pytest.approx(ref_result.train_losses, rel=1e-5)
         assert result.val_losses[-1][1] == pytest.approx(ref_result.val_losses[-1][1], rel=1e-5)
     assert any("lora_B" in k and ref[k].abs().max() > 1e-3 for k in ref)
+
+
+def test_bf16_packed_attention_on_the_cpu_runs_in_fp32_and_matches(tiny_model_dir, monkeypatch):
+    """On the CPU each sample's bf16 attention is computed in fp32 (faster there, see _fp32_on_cpu); the result
+    comes back in bf16 and matches the fp32 model's per-sample losses within bf16 rounding."""
+    exs = _examples()
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    use_packed_attention(ref_model)
+    ref = _per_position_ce(ref_model, pack(exs))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    use_packed_attention(model)
+    seen: list[tuple[torch.dtype, bool]] = []
+    real = sdpa_attention.sdpa_attention_forward
+
+    def spy(m, q, *a, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(m, q, *a, **kw)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _per_position_ce(model, pack(exs))
+    assert seen == [(torch.float32, False)] * (len(exs) * model.config.num_hidden_layers)
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)

@@ -287,3 +287,47 @@ def test_patching_leaves_later_changes_alone(tiny_model_dir):
     norm.trained = True  # a change made after the patch (by training) is not the patcher's to undo
     undo()
     assert result == "applied" and not hasattr(norm, "liger") and norm.trained
+
+
+def _bf16_lora_model(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    peft = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return peft
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_16_bit_model_computes_its_fp32_adapters_in_its_own_dtype(dtype):
+    """choose_switches turns adapters_autocast on exactly for a 16-bit model; an fp32 model autocast by
+    train.autocast gets plain autocast instead (both at once would be the same thing twice)."""
+    for autocast in ("off", "bf16"):
+        cfg = load_config({"model": {"name": "x"}, "data": {"train": "x.jsonl"}, "train": {"autocast": autocast}})
+        got = choose_switches(cfg, torch.device("cpu"), dtype)
+        assert got.adapters_autocast == (torch.bfloat16 if dtype == torch.bfloat16 else None)
+        assert got.autocast == (torch.bfloat16 if dtype == torch.float32 and autocast == "bf16" else None)
+
+
+def test_bf16_adapters_run_in_bf16_keep_fp32_weights_and_match_peft_casting(tiny_model_dir):
+    """peft's default casts each layer's bf16 input to the adapter's fp32; under adapters_autocast lora_A sees the
+    bf16 activations, while the adapter weights and their gradients stay fp32 and the result is peft's up to bf16."""
+    model = _bf16_lora_model(tiny_model_dir)
+    lora_a = model.get_base_model().model.layers[0].mlp.up_proj.lora_A["default"]
+    seen: list[torch.dtype] = []
+    hook = lora_a.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    ref = _loss_and_grads(model)
+    assert seen == [torch.float32]  # peft's own path: the activations cast up to fp32
+    seen.clear()
+    got = _loss_and_grads(model, Switches(adapters_autocast=torch.bfloat16))
+    assert seen == [torch.bfloat16]
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in adapters} == {torch.float32} and {p.grad.dtype for p in adapters} == {torch.float32}
+    assert abs(float(got[0] - ref[0])) < 0.02 * float(ref[0])
+    assert torch.nn.functional.cosine_similarity(got[1], ref[1], dim=0) > 0.99
+    seen.clear()
+    with torch.no_grad():  # outside the step's context peft casts again (validation, generation)
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    hook.remove()
+    assert seen == [torch.float32]

@@ -10,7 +10,9 @@ logits) goes to transformers' own SDPA path with its mask unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,9 +53,23 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if len(bounds) == 1 or (window and max(e - s for s, e in bounds) > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
-    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
-                                   is_causal=True, **kwargs)[0] for s, e in bounds]
-    return torch.cat(outs, dim=1), None
+    dtype = query.dtype
+    with _fp32_on_cpu(query) as up:
+        outs = [sdpa_attention_forward(module, up(query[:, :, s:e]), up(key[:, :, s:e]), up(value[:, :, s:e]), None,
+                                       is_causal=True, **kwargs)[0] for s, e in bounds]
+    return torch.cat(outs, dim=1).to(dtype), None
+
+
+@contextlib.contextmanager
+def _fp32_on_cpu(query: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """bf16 attention of short samples computed in fp32 on the CPU (autocast off): PyTorch's CPU flash-attention
+    backward in bf16 took 4.7 ms a layer for 4 samples of ~52 tokens, against 1.3 ms through fp32 (same result
+    up to the inputs' bf16 rounding). Elsewhere the tensors pass unchanged."""
+    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
+        yield lambda t: t
+        return
+    with torch.autocast("cpu", enabled=False):
+        yield lambda t: t.float()
 
 
 def register() -> None:

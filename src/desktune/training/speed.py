@@ -74,6 +74,7 @@ class Switches:
     """What a run actually uses, after checking the hardware; `notes` say what was turned off and why."""
 
     autocast: torch.dtype | None = None
+    adapters_autocast: torch.dtype | None = None  # a 16-bit model's fp32 adapters compute in its dtype
     offload_activations: bool = False
     compiled: bool = False
     fused_kernels: str | None = None
@@ -86,10 +87,23 @@ class Switches:
         stack = contextlib.ExitStack()
         if self.autocast is not None:
             stack.enter_context(torch.autocast(device.type, dtype=self.autocast))
+        elif self.adapters_autocast is not None:
+            stack.enter_context(adapters_in(model, device, self.adapters_autocast))
         if self.offload_activations:
             pack, unpack = _offload_hooks(_weight_storages(model), pin=device.type == "cuda")
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
         return stack
+
+
+@contextlib.contextmanager
+def adapters_in(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """LoRA's fp32 weights used in the 16-bit `dtype` of the model they adapt: autocast casts each (small) weight,
+    instead of peft casting every layer's activations to fp32 and its full-width output back. What mixed-precision
+    training means (fp32 master weights, 16-bit compute); measured on the CPU: a third less time outside matmuls."""
+    from peft.helpers import disable_input_dtype_casting
+
+    with torch.autocast(device.type, dtype=dtype), disable_input_dtype_casting(model):
+        yield
 
 
 def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> Switches:
@@ -104,6 +118,8 @@ def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) ->
             out.notes.append("train.autocast: fp16 is not supported on the CPU; training in fp32 (use bf16)")
         else:
             out.autocast = want
+    if out.autocast is None and dtype in (torch.bfloat16, torch.float16):
+        out.adapters_autocast = dtype
     if tcfg.offload_activations:
         if device.type == "cuda":
             out.offload_activations = True
