@@ -7,11 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from desktune.config import load_config, parse_duration
+from desktune.data import Example
 from desktune.defaults import auto_epochs, budget_steps, typical_lora_lr
 from desktune.errors import DesktuneError
 from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
-from desktune.training.budget import fit_steps
-from desktune.training.loop import fit, setup, train
+from desktune.training import budget
+from desktune.training.budget import fit_steps, mean_step_tokens
+from desktune.training.loop import fit, resolve_auto, setup, train
 from tests.tiny import crash_at, tiny_config
 
 
@@ -34,6 +36,42 @@ def test_a_bad_budget_names_the_field():
 
 def test_auto_epochs_give_small_sets_more_passes():
     assert [auto_epochs(n).value for n in (50, 480, 1200, 50_000)] == [10, 3, 1, 1]
+
+
+def test_a_time_budget_sets_the_passes_of_auto_epochs():
+    assert auto_epochs(480, budgeted=True).value == 10 and auto_epochs(50_000, budgeted=True).value == 10
+    for limit, epochs in ((None, 3), ("6m", 10)):
+        cfg = load_config({"data": {"train": "x"}, "train": {"time_budget": limit}})
+        resolved, reasons = resolve_auto(cfg, 135_000_000, 480, chats=True)
+        assert resolved.train.epochs == epochs and any("train.epochs auto" in r for r in reasons)
+    explicit = load_config({"data": {"train": "x"}, "train": {"time_budget": "6m", "epochs": 2}})
+    assert resolve_auto(explicit, 135_000_000, 480, chats=True)[0].train.epochs == 2
+
+
+class _Clock:
+    """A perf_counter that advances only when a fake step computes: 1 ms a token."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_step_is_timed_per_token_so_short_first_steps_do_not_under_count(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+
+    def compute(tr, samples, normaliser, mon):
+        clock.now += 1e-3 * sum(len(e.input_ids) for e in samples)
+
+    monkeypatch.setattr(budget, "accumulate_with_recovery", compute)
+    tr = type("T", (), {"device": torch.device("cpu"), "optimizer": torch.optim.SGD([torch.zeros(1)], lr=1.0),
+                        "objective": type("O", (), {"normaliser": staticmethod(lambda s: 1)})()})()
+    ex = [Example(input_ids=[1] * n, labels=[1] * n, source="x") for n in (10, 20, 30, 100)]
+    per_token = budget.time_steps(tr, [[ex[0]], [ex[1]], [ex[2]]], None)
+    assert per_token == pytest.approx(1e-3)  # a per-step mean would be 25 ms
+    assert mean_step_tokens(ex, 4) == pytest.approx(160.0)  # 4 samples of the set's mean 40 tokens
 
 
 def test_budget_steps_cap_at_the_wish():

@@ -52,8 +52,12 @@ def auto_lr(n_params: int, r: int, rslora: bool, method: str) -> Choice:
                       f"(2e-4 at 8B, times (8B / size)^{LR_SIZE_EXPONENT}; docs/defaults.md)")
 
 
-def auto_epochs(n_samples: int) -> Choice:
-    """train.epochs: auto."""
+def auto_epochs(n_samples: int, budgeted: bool = False) -> Choice:
+    """train.epochs: auto. With a time budget the budget sets the passes (at most MAX_AUTO_EPOCHS): the user
+    offered that time, and replay and best/ bound what more passes cost; without one, about EPOCH_SAMPLES seen."""
+    if budgeted:
+        return Choice(float(MAX_AUTO_EPOCHS), f"train.epochs auto = as many passes as train.time_budget allows, at "
+                                              f"most {MAX_AUTO_EPOCHS} ({n_samples} training samples)")
     epochs = float(min(MAX_AUTO_EPOCHS, max(1, math.ceil(EPOCH_SAMPLES / max(n_samples, 1)))))
     return Choice(epochs, f"train.epochs auto = {epochs:g}: {n_samples} training samples (about {EPOCH_SAMPLES} "
                           f"samples seen, at most {MAX_AUTO_EPOCHS} passes)")

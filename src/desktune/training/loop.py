@@ -56,7 +56,7 @@ from desktune.runs.diagnostics import Diagnostics, Finding, Limits
 from desktune.scoring.forgetting import load_variant, reference_set
 from desktune.scoring.reference import builtin_reference
 from desktune.scoring.score import mean_target_loss
-from desktune.training.budget import first_steps, fit_steps, time_steps
+from desktune.training.budget import first_steps, fit_steps, mean_step_tokens, time_steps
 from desktune.training.checkpoint import adapter_size, load_adapter_weights, load_state, save_adapter, save_checkpoint
 from desktune.training.checks import before_training
 from desktune.training.distributed import (
@@ -247,7 +247,7 @@ def resolve_auto(cfg: RunConfig, base_params: int, n_train: int, chats: bool) ->
         c = auto_lr(base_params, cfg.lora.r, cfg.lora.use_rslora, method_name(cfg))
         chosen["lr"], reasons = c.value, [*reasons, c.reason]
     if cfg.train.epochs == "auto":
-        c = auto_epochs(n_train)
+        c = auto_epochs(n_train, budgeted=bool(cfg.train.time_budget))
         chosen["epochs"] = c.value
         reasons += [] if cfg.train.max_steps else [c.reason]
     train = cfg.train.model_copy(update=chosen)
@@ -485,14 +485,15 @@ def within_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, samples: I
     """Time the first steps, fix the step count that ends within train.time_budget, and schedule to it."""
     tcfg, wish = run.cfg.train, tr.total_steps
     head, samples = first_steps(samples)
-    step_s = time_steps(tr, head, mon)
+    step_s = time_steps(tr, head, mon) * mean_step_tokens(run.train_set, tcfg.samples_per_step)
     budget = parse_duration(tcfg.time_budget)
     steps = fit_steps(budget, time.perf_counter() - wall0, step_s, wish, hist.val_s, tcfg.eval_every)
     steps = from_main(run.dist, steps)  # every rank runs rank 0's count
     tr.total_steps, tr.scheduler = steps, make_scheduler(tr.optimizer, tcfg, steps)
     mon.retarget(steps)
-    mon.event(f"time budget {tcfg.time_budget}: a step takes {step_s:.2f} s (measured), so {steps} steps fit "
-              f"(the data asks for {wish}); the schedule ends at step {steps}", name="time_budget",
+    mon.event(f"time budget {tcfg.time_budget}: a step takes {step_s:.2f} s (measured per token, at the data's "
+              f"mean step length), so {steps} steps fit "
+              f"(train.epochs asks for {wish}); the schedule ends at step {steps}", name="time_budget",
               steps=steps, wish=wish, step_s=step_s, budget_s=budget)
     return steps, samples
 
