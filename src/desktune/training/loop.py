@@ -493,7 +493,7 @@ def within_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, samples: I
     mon.retarget(steps)
     mon.event(f"time budget {tcfg.time_budget}: a step takes {step_s:.2f} s (measured per token, at the data's "
               f"mean step length), so {steps} steps fit "
-              f"(train.epochs asks for {wish}); the schedule ends at step {steps}", name="time_budget",
+              f"(without the budget: {wish}); the schedule ends at step {steps}", name="time_budget",
               steps=steps, wish=wish, step_s=step_s, budget_s=budget)
     return steps, samples
 
