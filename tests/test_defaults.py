@@ -12,7 +12,7 @@ from desktune.defaults import auto_epochs, budget_steps, typical_lora_lr
 from desktune.errors import DesktuneError
 from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
 from desktune.training import budget
-from desktune.training.budget import fit_steps, mean_step_tokens
+from desktune.training.budget import fit_steps, mean_step_tokens, refit_step, within_warmup
 from desktune.training.loop import fit, resolve_auto, setup, train
 from tests.tiny import crash_at, tiny_config
 
@@ -108,9 +108,9 @@ def test_explicit_values_win(tiny_model_dir, tmp_path):
     assert records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)[0].lr == pytest.approx(1e-2)
 
 
-def _budget_cfg(tiny_model_dir, tmp_path, name, every=2):
+def _budget_cfg(tiny_model_dir, tmp_path, name, every=2, warmup=0.1):
     raw = tiny_config(tiny_model_dir, tmp_path, run_name=name, lora={"dropout": 0.1},
-                      train={"max_steps": 100_000, "time_budget": "4s", "warmup_ratio": 0.1},
+                      train={"max_steps": 100_000, "time_budget": "4s", "warmup_ratio": warmup},
                       checkpoint={"every": every})
     return load_config(raw)
 
@@ -118,8 +118,9 @@ def _budget_cfg(tiny_model_dir, tmp_path, name, every=2):
 def test_time_budget_fixes_the_steps_and_the_schedule_ends(tiny_model_dir, tmp_path):
     result = train(_budget_cfg(tiny_model_dir, tmp_path, "b", every=None), quiet=True)
     (event,) = _events(result.run_dir, "time_budget")
-    steps = event.data["steps"]
-    assert 2 < steps < 100_000 and result.steps == steps
+    refits = _events(result.run_dir, "time_budget_refit")  # none when the real steps agreed with the timed ones
+    steps = refits[0].data["steps"] if refits else event.data["steps"]
+    assert 2 < steps < 100_000 and result.steps == steps and len(refits) <= 1
     lrs = [r.lr for r in records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)]
     assert len(lrs) == steps and lrs[-1] < 0.01 * max(lrs)  # the cosine schedule ran to its end
     print(f"budget 4 s: {steps} steps, optimizer steps {result.train_s:.2f} s, training {result.wall_s:.2f} s")
@@ -134,6 +135,59 @@ def test_fit_steps_leaves_room_for_validations():
     assert 10 + steps * 1.05 + 2.0 * (1 + (steps - 1) // 10) <= 100 < 10 + (steps + 1) * 1.05 + 2.0 * (
         1 + steps // 10)
     assert fit_steps(100, 10, 1.0, 20, 2.0, 10) == 20  # the data's wish caps it
+
+
+def test_a_refit_counts_from_the_steps_done():
+    assert fit_steps(100, 10, 1.0, 10_000, 0.0, None, done=20) == 20 + int(90 / 1.05)
+    steps = fit_steps(100, 10, 1.0, 10_000, 2.0, 10, done=25)  # validations at 30, 40, ... and at the end
+    vals = 1 + (steps - 1) // 10 - 2
+    assert 10 + (steps - 25) * 1.05 + 2.0 * vals <= 100 < 10 + (steps - 24) * 1.05 + 2.0 * (1 + steps // 10 - 2)
+    assert fit_steps(100, 10, 1.0, 40, 0.0, None, done=25) == 40  # the data's wish still caps it
+
+
+def test_the_refit_comes_a_tenth_in_past_the_warmup_and_never_warms_up_again():
+    assert (refit_step(650, 0.03), refit_step(650, 0.2), refit_step(20, 0.03), refit_step(8, 0.03)) == (
+        65, 131, 8, None)
+    assert within_warmup(10_000, 65, 0.03) == 2183 and round(0.03 * 2183) == 65 < round(0.03 * 2184)
+    assert within_warmup(700, 65, 0.03) == 700 and within_warmup(700, 65, 0.0) == 700
+
+
+def test_a_refit_stretches_a_run_whose_timing_over_estimated(tiny_model_dir, tmp_path, monkeypatch):
+    import desktune.training.loop as loop
+
+    timed = loop.time_steps
+    monkeypatch.setattr(loop, "time_steps", lambda *a: 3 * timed(*a))  # the timed steps ran 3x slower
+    result = train(_budget_cfg(tiny_model_dir, tmp_path, "slow", every=None, warmup=0.03), quiet=True)
+    first = _events(result.run_dir, "time_budget")[0].data["steps"]
+    (refit,) = _events(result.run_dir, "time_budget_refit")
+    assert refit.data["at"] == round(0.1 * first) and refit.data["steps"] > 2 * first
+    assert result.steps == refit.data["steps"]
+    lrs = [r.lr for r in records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)]
+    at = refit.data["at"]
+    assert len(lrs) == result.steps and lrs[-1] < 0.01 * max(lrs)  # the rebuilt schedule ran to its end
+    assert lrs[at - 1] == pytest.approx(max(lrs), rel=0.02) and lrs[at] == pytest.approx(max(lrs), rel=0.02)
+    print(f"budget 4 s: timed {first} steps, re-fitted to {result.steps}; training {result.wall_s:.2f} s")
+    assert result.wall_s < 4.0 * 1.5
+
+
+def test_a_run_resumed_after_its_refit_ends_as_the_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    import desktune.training.loop as loop
+
+    monkeypatch.setattr(loop, "fit_steps", lambda *a, done=0: 20 if done else 12)  # the clock made exact
+    whole = train(_budget_cfg(tiny_model_dir, tmp_path, "whole", warmup=0.03), quiet=True)
+    cfg = _budget_cfg(tiny_model_dir, tmp_path, "cut", warmup=0.03)
+    run = setup(cfg, quiet=True)
+    crash_at(monkeypatch, 15)  # after the refit at step 8; the checkpoint of step 14 holds the count 20
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(run)
+    monkeypatch.undo()
+    resumed = train(cfg, quiet=True, resume=True)
+    assert whole.steps == resumed.steps == 20 and len(_events(run.run_dir, "time_budget_refit")) == 1
+    lrs = [[r.lr for r in records_of(read_records(RunDir(r.run_dir).metrics), TrainRecord)] for r in (whole, resumed)]
+    assert lrs[0] == lrs[1]
+    a = load_file(str(RunDir(whole.run_dir).adapter / "adapter_model.safetensors"))
+    b = load_file(str(RunDir(resumed.run_dir).adapter / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_budgeted_run_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):

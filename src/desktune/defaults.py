@@ -17,6 +17,9 @@ EPOCH_SAMPLES = 1200  # auto epochs aim to show the model about this many sample
 MAX_AUTO_EPOCHS = 10  # ... but never more than this many passes over the same rows
 REPLAY_SHARE = 0.1  # auto replay for chat data: this share of training samples are the base's own general answers
 TIMING_STEPS = 4  # optimizer steps timed before a time-budgeted run fixes its step count (the first is warm-up)
+# a budgeted run fits its count again this far in, from its real steps: the timed ones ran 13% slower than the
+# run's steps (facts task, bf16 EPYC: 0.52 s against 0.46 s), so it stopped at 299 of 360 s
+REFIT_FRACTION = 0.1
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """train.time_budget: time the first steps' forward and backward, then fix the run's optimizer steps so that
-training (steps, validations) ends within the budget and the learning-rate schedule completes at the end.
+training (steps, validations) ends within the budget and the learning-rate schedule completes at the end. A tenth
+of the way in, the count is fitted once more from the real steps, and the schedule stretched or shrunk to it.
 
 The timed steps do not update anything: their gradients are dropped and every random generator is put back, so a
-budgeted run trains exactly as an unbudgeted run of the chosen length would.
+budgeted run trains exactly as an unbudgeted run of the chosen length would, up to that re-fit.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from desktune.data import Example
-from desktune.defaults import TIMING_STEPS, budget_steps
+from desktune.defaults import REFIT_FRACTION, TIMING_STEPS, budget_steps
 from desktune.training.monitor import Monitor
 from desktune.training.step import Trainer, accumulate_with_recovery
 
@@ -49,13 +52,39 @@ def mean_step_tokens(train_set: list[Example], per_step: int) -> float:
 
 
 def fit_steps(budget_s: float, spent_s: float, step_s: float, wish: int, val_s: float,
-              eval_every: int | None) -> int:
-    """Steps that fit with the validations they bring (every `eval_every`, and one at the end)."""
-    steps = budget_steps(budget_s, spent_s + val_s, step_s * 1.05, wish)  # 5%: updates, records, checkpoints
-    while steps > 1 and eval_every and spent_s + steps * step_s * 1.05 + val_s * (1 + (steps - 1) // eval_every) \
-            > budget_s:
+              eval_every: int | None, done: int = 0) -> int:
+    """The run's step count: `done` steps so far, and those that fit with the validations they bring (every
+    `eval_every`, and one at the end)."""
+    margin = step_s * 1.05  # 5%: updates, records, checkpoints
+
+    def vals(steps: int) -> int:
+        return 1 + (steps - 1) // eval_every - done // eval_every if eval_every else 1
+
+    steps = done + budget_steps(budget_s, spent_s + val_s, margin, wish - done)
+    while steps > done + 1 and spent_s + (steps - done) * margin + val_s * vals(steps) > budget_s:
         steps -= 1
     return steps
+
+
+def refit_step(steps: int, warmup_ratio: float) -> int | None:
+    """The step after which a budgeted run of `steps` fits its count again from its real steps: a tenth of the
+    way in, past the warm-up (None: too short for real steps to tell more than the timed ones)."""
+    at = max(2 * TIMING_STEPS, round(REFIT_FRACTION * steps), round(warmup_ratio * steps) + 1)
+    return at if at < steps else None
+
+
+def within_warmup(steps: int, done: int, warmup_ratio: float) -> int:
+    """`steps`, lowered so that its schedule's warm-up ends by step `done` (a re-fit never warms up again)."""
+    return min(steps, math.ceil((done + 0.5) / warmup_ratio) - 1) if warmup_ratio > 0 else steps
+
+
+def real_token_s(seconds: list[float], tokens: list[int]) -> float:
+    """Seconds a token took in the later half of the real steps so far, each from the end of the step before
+    (records and checkpoints included; the first steps still run slower). Steps over 3x the median held a
+    validation, which the fit counts on its own."""
+    rates = [s / max(t, 1) for s, t in zip(seconds[len(seconds) // 2:], tokens[len(tokens) // 2:], strict=True)]
+    usual = [r for r in rates if r <= 3 * statistics.median(rates)]
+    return sum(usual) / len(usual)
 
 
 def first_steps(samples: Iterator[list[Example]], n: int = TIMING_STEPS) -> tuple[list[list[Example]],

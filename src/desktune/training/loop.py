@@ -56,7 +56,15 @@ from desktune.runs.diagnostics import Diagnostics, Finding, Limits
 from desktune.scoring.forgetting import load_variant, reference_set
 from desktune.scoring.reference import builtin_reference
 from desktune.scoring.score import mean_target_loss
-from desktune.training.budget import first_steps, fit_steps, mean_step_tokens, time_steps
+from desktune.training.budget import (
+    first_steps,
+    fit_steps,
+    mean_step_tokens,
+    real_token_s,
+    refit_step,
+    time_steps,
+    within_warmup,
+)
 from desktune.training.checkpoint import adapter_size, load_adapter_weights, load_state, save_adapter, save_checkpoint
 from desktune.training.checks import before_training
 from desktune.training.distributed import (
@@ -76,7 +84,7 @@ from desktune.training.distributed import start as join_group
 from desktune.training.distributed import stop as leave_group
 from desktune.training.monitor import Monitor
 from desktune.training.objectives import objective_for
-from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler
+from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler, reschedule
 from desktune.training.replay import replay_set
 from desktune.training.resume import capture_rng, check_compatible, config_fingerprint, data_fingerprint, restore_rng
 from desktune.training.signals import GracefulStop, TrainingInterrupted
@@ -288,6 +296,9 @@ class History:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens: int = 0
     train_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)  # each step's wall time since the last (records and all)
+    step_tokens: list[int] = field(default_factory=list)
+    last_added: float | None = None
     best: Best = field(default_factory=Best)  # the lowest validation loss, its step, validations since
     val_s: float = 0.0  # seconds the last validation took
     val_micro: int = 0  # validation's micro-batch once out of memory halved it (0: the training one)
@@ -297,6 +308,10 @@ class History:
         self.train_losses.append(out.loss)
         self.tokens += out.tokens
         self.train_s += out.seconds
+        now = time.perf_counter()
+        self.step_s.append(out.seconds if self.last_added is None else now - self.last_added)
+        self.step_tokens.append(out.tokens)
+        self.last_added = now
 
 
 def fit(run: Run, *, resume: Path | None = None, state: TrainState | None = None,
@@ -327,11 +342,15 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
     with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps),
                  records=run.dist.is_main) as mon, GracefulStop() as stop:
         forgetting = begin(run, tr, mon, hist, state, resume)
+        refit = None
         if state is None and cfg.train.time_budget:
             steps, samples = within_budget(run, tr, mon, hist, samples, wall0)
-        guard, ended = NonFiniteGuard(last_checkpoint=run.dir.latest_checkpoint), steps
-        for step in range(start + 1, steps + 1):
-            tr.step = step
+            refit = refit_step(steps, cfg.train.warmup_ratio)
+        guard, ended, step = NonFiniteGuard(last_checkpoint=run.dir.latest_checkpoint), steps, start
+        while step < steps:
+            step = tr.step = step + 1
+            if step - 1 == refit:  # before this step's update: the schedule it follows is the one recorded
+                steps = ended = refit_budget(run, tr, mon, hist, wall0)
             out = train_step(tr, next(samples), mon)
             if not guard.accept(out, tr, mon):
                 continue
@@ -496,6 +515,25 @@ def within_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, samples: I
               f"(without the budget: {wish}); the schedule ends at step {steps}", name="time_budget",
               steps=steps, wish=wish, step_s=step_s, budget_s=budget)
     return steps, samples
+
+
+def refit_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, wall0: float) -> int:
+    """Fit the count again from the real steps so far, and stretch or shrink the schedule to it."""
+    tcfg, done, before = run.cfg.train, tr.step - 1, tr.total_steps
+    step_s = real_token_s(hist.step_s, hist.step_tokens) * mean_step_tokens(run.train_set, tcfg.samples_per_step)
+    wish = total_steps(run.cfg, len(run.train_set))
+    steps = fit_steps(parse_duration(tcfg.time_budget), time.perf_counter() - wall0, step_s, wish, hist.val_s,
+                      tcfg.eval_every, done=done)
+    steps = from_main(run.dist, within_warmup(steps, done, tcfg.warmup_ratio))
+    if steps == before:
+        return steps
+    tr.total_steps, tr.scheduler = steps, reschedule(tr.optimizer, tr.scheduler, tcfg, steps)
+    mon.retarget(steps)
+    mon.event(f"time budget {tcfg.time_budget}: the last {len(hist.step_s) - len(hist.step_s) // 2} steps took "
+              f"{step_s:.2f} s a step (at the data's mean step length), so the run ends at step {steps}, not "
+              f"{before}; the schedule is rebuilt to end there", name="time_budget_refit", steps=steps, before=before,
+              step_s=step_s, at=done)
+    return steps
 
 
 def begin(run: Run, tr: Trainer, mon: Monitor, hist: History, state: TrainState | None,

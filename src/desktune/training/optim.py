@@ -45,3 +45,13 @@ def make_scheduler(optimizer: Any, cfg: TrainConfig, total_steps: int) -> Any:
     warmup = round(cfg.warmup_ratio * total_steps)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def reschedule(optimizer: Any, old: Any, cfg: TrainConfig, total_steps: int) -> Any:
+    """The schedule of `total_steps` at the step `old` has reached; the optimizer's learning rate is set to it
+    (what a resumed run rebuilds from its checkpoint is the same object)."""
+    new = make_scheduler(optimizer, cfg, total_steps)
+    new.load_state_dict(old.state_dict())
+    new.last_epoch -= 1
+    new.step()  # the current step's rate under the new schedule
+    return new
