@@ -12,7 +12,7 @@ from desktune.defaults import auto_epochs, budget_steps, typical_lora_lr
 from desktune.errors import DesktuneError
 from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
 from desktune.training import budget
-from desktune.training.budget import fit_steps, mean_step_tokens, refit_step, within_warmup
+from desktune.training.budget import Refits, fit_steps, mean_step_tokens, within_warmup
 from desktune.training.loop import fit, resolve_auto, setup, train
 from tests.tiny import crash_at, tiny_config
 
@@ -119,8 +119,8 @@ def test_time_budget_fixes_the_steps_and_the_schedule_ends(tiny_model_dir, tmp_p
     result = train(_budget_cfg(tiny_model_dir, tmp_path, "b", every=None), quiet=True)
     (event,) = _events(result.run_dir, "time_budget")
     refits = _events(result.run_dir, "time_budget_refit")  # none when the real steps agreed with the timed ones
-    steps = refits[0].data["steps"] if refits else event.data["steps"]
-    assert 2 < steps < 100_000 and result.steps == steps and len(refits) <= 1
+    steps = refits[-1].data["steps"] if refits else event.data["steps"]
+    assert 2 < steps < 100_000 and result.steps == steps and len(refits) <= 5
     lrs = [r.lr for r in records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)]
     assert len(lrs) == steps and lrs[-1] < 0.01 * max(lrs)  # the cosine schedule ran to its end
     print(f"budget 4 s: {steps} steps, optimizer steps {result.train_s:.2f} s, training {result.wall_s:.2f} s")
@@ -145,9 +145,12 @@ def test_a_refit_counts_from_the_steps_done():
     assert fit_steps(100, 10, 1.0, 40, 0.0, None, done=25) == 40  # the data's wish still caps it
 
 
-def test_the_refit_comes_a_tenth_in_past_the_warmup_and_never_warms_up_again():
-    assert (refit_step(650, 0.03), refit_step(650, 0.2), refit_step(20, 0.03), refit_step(8, 0.03)) == (
-        65, 131, 8, None)
+def test_refits_come_at_fractions_of_the_way_past_the_warmup_and_never_warm_up_again():
+    refits = Refits(0.03)
+    assert [refits.next(650, 0), refits.next(1300, 65), refits.next(1300, 390), refits.next(1300, 650)] == [
+        65, 390, 650, 910]  # a stretched run: each fraction once, of the count in force
+    assert (refits.next(1300, 910), refits.next(1300, 1170)) == (1170, None)
+    assert Refits(0.2).next(650, 0) == 131 and Refits(0.03).next(20, 0) == 8 and Refits(0.03).next(8, 0) is None
     assert within_warmup(10_000, 65, 0.03) == 2183 and round(0.03 * 2183) == 65 < round(0.03 * 2184)
     assert within_warmup(700, 65, 0.03) == 700 and within_warmup(700, 65, 0.0) == 700
 
@@ -159,9 +162,9 @@ def test_a_refit_stretches_a_run_whose_timing_over_estimated(tiny_model_dir, tmp
     monkeypatch.setattr(loop, "time_steps", lambda *a: 3 * timed(*a))  # the timed steps ran 3x slower
     result = train(_budget_cfg(tiny_model_dir, tmp_path, "slow", every=None, warmup=0.03), quiet=True)
     first = _events(result.run_dir, "time_budget")[0].data["steps"]
-    (refit,) = _events(result.run_dir, "time_budget_refit")
+    refit, *later = _events(result.run_dir, "time_budget_refit")
     assert refit.data["at"] == round(0.1 * first) and refit.data["steps"] > 2 * first
-    assert result.steps == refit.data["steps"]
+    assert result.steps == (later or [refit])[-1].data["steps"] and len(later) <= 4
     lrs = [r.lr for r in records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)]
     at = refit.data["at"]
     assert len(lrs) == result.steps and lrs[-1] < 0.01 * max(lrs)  # the rebuilt schedule ran to its end

@@ -17,9 +17,10 @@ EPOCH_SAMPLES = 1200  # auto epochs aim to show the model about this many sample
 MAX_AUTO_EPOCHS = 10  # ... but never more than this many passes over the same rows
 REPLAY_SHARE = 0.1  # auto replay for chat data: this share of training samples are the base's own general answers
 TIMING_STEPS = 4  # optimizer steps timed before a time-budgeted run fixes its step count (the first is warm-up)
-# a budgeted run fits its count again this far in, from its real steps: the timed ones ran 13% slower than the
-# run's steps (facts task, bf16 EPYC: 0.52 s against 0.46 s), so it stopped at 299 of 360 s
-REFIT_FRACTION = 0.1
+# a budgeted run fits its count again at these fractions of the way, from its real steps. Why (facts task, bf16
+# EPYC, 6 minutes): the timed steps once ran 13% slower than the run's (0.52 s against 0.46 s: it stopped at 299 s);
+# the steps themselves drift: 0.41 s a step up to 10%, 0.48 s from 25% to 50% (one re-fit at 10% ran to 375 s)
+REFIT_AT = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """train.time_budget: time the first steps' forward and backward, then fix the run's optimizer steps so that
-training (steps, validations) ends within the budget and the learning-rate schedule completes at the end. A tenth
-of the way in, the count is fitted once more from the real steps, and the schedule stretched or shrunk to it.
+training (steps, validations) ends within the budget and the learning-rate schedule completes at the end. At 10%,
+30%, 50%, 70% and 90% of the way, the count is fitted again from the real steps, and the schedule rebuilt to it.
 
 The timed steps do not update anything: their gradients are dropped and every random generator is put back, so a
-budgeted run trains exactly as an unbudgeted run of the chosen length would, up to that re-fit.
+budgeted run trains exactly as an unbudgeted run of the chosen length would, up to the first re-fit.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from desktune.data import Example
-from desktune.defaults import REFIT_FRACTION, TIMING_STEPS, budget_steps
+from desktune.defaults import REFIT_AT, TIMING_STEPS, budget_steps
 from desktune.training.monitor import Monitor
 from desktune.training.step import Trainer, accumulate_with_recovery
 
@@ -66,11 +67,23 @@ def fit_steps(budget_s: float, spent_s: float, step_s: float, wish: int, val_s: 
     return steps
 
 
-def refit_step(steps: int, warmup_ratio: float) -> int | None:
-    """The step after which a budgeted run of `steps` fits its count again from its real steps: a tenth of the
-    way in, past the warm-up (None: too short for real steps to tell more than the timed ones)."""
-    at = max(2 * TIMING_STEPS, round(REFIT_FRACTION * steps), round(warmup_ratio * steps) + 1)
-    return at if at < steps else None
+@dataclass
+class Refits:
+    """When a budgeted run fits its count again from its real steps: once at each of REFIT_AT of the way in,
+    past the warm-up."""
+
+    warmup_ratio: float
+    left: list[float] = field(default_factory=lambda: list(REFIT_AT))
+
+    def next(self, steps: int, done: int) -> int | None:
+        """The next step after `done` to re-fit a run of `steps` at (None: no more, or too short for real steps
+        to tell more than the timed ones); each fraction is used once."""
+        while self.left:
+            fraction = self.left.pop(0)
+            at = max(2 * TIMING_STEPS, round(fraction * steps), round(self.warmup_ratio * steps) + 1)
+            if done < at < steps:
+                return at
+        return None
 
 
 def within_warmup(steps: int, done: int, warmup_ratio: float) -> int:

@@ -57,11 +57,11 @@ from desktune.scoring.forgetting import load_variant, reference_set
 from desktune.scoring.reference import builtin_reference
 from desktune.scoring.score import mean_target_loss
 from desktune.training.budget import (
+    Refits,
     first_steps,
     fit_steps,
     mean_step_tokens,
     real_token_s,
-    refit_step,
     time_steps,
     within_warmup,
 )
@@ -342,15 +342,16 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
     with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps),
                  records=run.dist.is_main) as mon, GracefulStop() as stop:
         forgetting = begin(run, tr, mon, hist, state, resume)
-        refit = None
+        refits, refit = Refits(cfg.train.warmup_ratio), None
         if state is None and cfg.train.time_budget:
             steps, samples = within_budget(run, tr, mon, hist, samples, wall0)
-            refit = refit_step(steps, cfg.train.warmup_ratio)
+            refit = refits.next(steps, 0)
         guard, ended, step = NonFiniteGuard(last_checkpoint=run.dir.latest_checkpoint), steps, start
         while step < steps:
             step = tr.step = step + 1
             if step - 1 == refit:  # before this step's update: the schedule it follows is the one recorded
                 steps = ended = refit_budget(run, tr, mon, hist, wall0)
+                refit = refits.next(steps, step - 1)
             out = train_step(tr, next(samples), mon)
             if not guard.accept(out, tr, mon):
                 continue
@@ -518,7 +519,7 @@ def within_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, samples: I
 
 
 def refit_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, wall0: float) -> int:
-    """Fit the count again from the real steps so far, and stretch or shrink the schedule to it."""
+    """Fit the count again from the later half of the real steps so far, and rebuild the schedule to end there."""
     tcfg, done, before = run.cfg.train, tr.step - 1, tr.total_steps
     step_s = real_token_s(hist.step_s, hist.step_tokens) * mean_step_tokens(run.train_set, tcfg.samples_per_step)
     wish = total_steps(run.cfg, len(run.train_set))

@@ -67,7 +67,7 @@ class Monitor:
             self._writer.close()
 
     def retarget(self, total_steps: int) -> None:
-        """The run's step count changed (train.time_budget fixed it, or fitted it again a tenth of the way in)."""
+        """The run's step count changed (train.time_budget fixed it, or fitted it again from the real steps)."""
         self.total_steps = total_steps
         if self.diagnostics is not None:
             self.diagnostics.limits = replace(self.diagnostics.limits, total_steps=total_steps)
