@@ -75,8 +75,9 @@ def test_two_processes_give_one_process_adapter(mode, single, tmp_path, tiny_mod
     done = _desktune("train", str(cfg), "--nproc", "2", "-q")
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / f"two-{mode}"
-    # each rank adds its 2 micro-batches, the all-reduce adds the ranks: (a+b)+(c+d), as one process adds them
-    assert _max_diff(_adapter(run), _adapter(single)) <= (0.0 if mode == "ddp" else TOLERANCE)
+    # each rank adds its 2 micro-batches, the all-reduce (fsdp2: reduce-scatter) adds the ranks: (a+b)+(c+d), as
+    # one process adds them; the clipping norm is summed from the shards in float64, so fsdp2 clips alike too
+    assert _max_diff(_adapter(run), _adapter(single)) == 0.0
     want = [r.loss for r in read_records(single / "metrics.jsonl") if r.kind == "train"]
     got = [r.loss for r in read_records(run / "metrics.jsonl") if r.kind == "train"]
     assert len(got) == STEPS and got == pytest.approx(want, rel=1e-5)  # the ranks' losses summed, as one
@@ -122,7 +123,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(single, tmp_path, tiny_mod
     run = tmp_path / "runs" / "across"
     done = _desktune("train", str(cfg), "-q", "--resume", str(RunDir(run).checkpoint(2)))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _max_diff(_adapter(run), _adapter(single)) <= TOLERANCE
+    assert _max_diff(_adapter(run), _adapter(single)) == 0.0
 
 
 def _rank_pid(launcher: int, rank: int) -> int | None:

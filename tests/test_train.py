@@ -254,3 +254,24 @@ def test_oom_at_micro_batch_1_is_a_clear_error(tiny_model_dir, tmp_path, monkeyp
     inject_fault(monkeypatch, always_oom)
     with pytest.raises(DesktuneError, match="even with micro-batch 1"):
         fit(run)
+
+
+def test_clipping_scales_to_the_norm_as_torch_does_and_leaves_small_gradients_untouched():
+    from desktune.training.distributed import Dist
+    from desktune.training.step import clip_gradients
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (300, 17, 4096)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.1
+    ref = [p.grad.clone() for p in params]
+    want = torch.nn.utils.get_total_norm(ref)
+    norm = clip_gradients(params, 1e9, Dist())
+    assert norm == pytest.approx(float(want), rel=1e-6)
+    assert all(torch.equal(p.grad, r) for p, r in zip(params, ref, strict=True))  # below the bound: untouched
+    clip_gradients(params, 1.0, Dist())
+    coef = torch.clamp(1.0 / (want + 1e-6), max=1.0)  # torch's rule (clip_grads_with_norm_)
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.grad, r * coef, rtol=1e-6, atol=0)
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in params])) == pytest.approx(1.0, rel=1e-5)
+    assert clip_gradients(params, None, Dist()) == pytest.approx(1.0, rel=1e-5)  # no bound: the norm only

@@ -114,6 +114,21 @@ def most(d: Dist, value: int, device: torch.device) -> int:
     return int(_reduce([float(value)], dist.ReduceOp.MAX, device)[0]) if d.active else value
 
 
+def shard_sums(d: Dist, partial: torch.Tensor) -> torch.Tensor:
+    """Sums over sharded tensors (each rank's over its shards) added up over the ranks under fsdp2, in place;
+    unchanged otherwise (every rank holds whole tensors)."""
+    if d.sharded:
+        dist.all_reduce(partial)
+    return partial
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (its storage: writes go to the DTensor), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def from_main(d: Dist, value: Any) -> Any:
     """Rank 0's value, on every rank (a picklable object made by our own code: a path, a step count)."""
     if not d.active:
