@@ -331,3 +331,49 @@ def test_bf16_adapters_run_in_bf16_keep_fp32_weights_and_match_peft_casting(tiny
         model(input_ids=torch.tensor([[5, 6, 7]]))
     hook.remove()
     assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_word_dropout_drops_at_its_rate_and_keeps_the_expectation(dtype):
+    from desktune.training.speed import WordDropout
+
+    drop = WordDropout(0.1)
+    x = torch.ones(512, 1000, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out != 0
+    scale = 32768 / (32768 - round(0.1 * 32768))
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 512,000 draws: 3 standard deviations ~ 0.0013
+    assert torch.all(out[kept] == torch.tensor(scale, dtype=dtype))  # survivors scaled, as torch's dropout
+    assert abs(out.float().mean().item() - 1.0) < 0.004
+    for lane in range(4):  # every 16-bit lane of a random word drops at the rate (the top one holds 15 bits)
+        assert abs(kept.flatten()[lane::4].float().mean().item() - 0.9) < 0.006
+    out.backward(torch.full_like(out, 2.0))
+    assert torch.equal(x.grad, torch.where(kept, 2.0 * torch.tensor(scale, dtype=dtype), 0.0).to(dtype))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)  # the default generator's stream: reproducible, so resume stays exact
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_cpu_runs_with_adapter_dropout_draw_word_masks_and_restore_torch_dropout(tiny_model_dir):
+    from desktune.training.speed import WordDropout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    cfg = load_config({"model": {"name": str(tiny_model_dir)}, "data": {"train": "x.jsonl"},
+                       "lora": {"dropout": 0.1}})
+    switches = choose_switches(cfg, torch.device("cpu"), torch.float32)
+    assert switches.word_dropout
+    assert not choose_switches(cfg, torch.device("cuda"), torch.float32).word_dropout  # torch's fused kernel
+    drops = [m for m in peft.modules() if isinstance(m, torch.nn.Dropout)]
+    calls = []
+    with switched_on(peft, switches):
+        swapped = [m for m in peft.modules() if isinstance(m, WordDropout)]
+        assert len(swapped) == len(drops) == 14  # 7 linear layers x 2 decoder layers
+        for m in swapped:
+            m.register_forward_hook(lambda mod, args, out: calls.append(mod))
+        peft.train()
+        _loss_and_grads(peft)
+    assert len(calls) == 14  # the step's forward drew every adapter's mask from them
+    assert [type(m) for m in peft.modules() if isinstance(m, torch.nn.Dropout)] == [torch.nn.Dropout] * 14
