@@ -192,18 +192,24 @@ def predict(s: Setting, device: torch.device, dtype: torch.dtype) -> int:
 
 
 def measure(s: Setting, device: torch.device, dtype: torch.dtype) -> int:
-    """Peak bytes over 2 optimizer steps of the setting, as desktune's loop runs them."""
+    """Peak bytes over 2 optimizer steps of the setting, as desktune's loop runs them (with the switches its step
+    uses here: a 16-bit model's adapters computing in its dtype, the CPU's word-drawn dropout masks)."""
+    from desktune.training.speed import Switches, switched_on
+
     model = build(s, device, dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, TrainConfig(optimizer="adamw", lr=2e-4), device)
     batches = [batch(s, i, device) for i in range(2 * s.accum)]
-    with PeakTracker(device, model_tensors(model)) as tracker:
+    switches = Switches(adapters_autocast=None if dtype == torch.float32 else dtype,
+                        word_dropout=device.type == "cpu" and s.dropout > 0)
+    with switched_on(model, switches), PeakTracker(device, model_tensors(model)) as tracker:
         for step in range(2):
             for m in range(s.accum):
                 b = batches[step * s.accum + m]
-                loss, n = target_ce_sum(model, b["input_ids"], b["labels"], b.get("attention_mask"),
-                                        position_ids=b.get("position_ids"), chunked=s.chunked)
+                with switches.forward_context(device, model):
+                    loss, n = target_ce_sum(model, b["input_ids"], b["labels"], b.get("attention_mask"),
+                                            position_ids=b.get("position_ids"), chunked=s.chunked)
                 (loss / (n * s.accum)).backward()
                 del loss
             torch.nn.utils.clip_grad_norm_(params, 1.0)

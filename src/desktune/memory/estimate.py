@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows
+from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows, cpu_eager_attention_len
 from desktune.memory.catalog import ArchSpec
 from desktune.units import human_bytes
 
@@ -226,24 +226,23 @@ def _lora_saved(inputs: PlanInputs, t: int, d_in: int, d_out: int, shared_seen: 
                 input_rg: bool = True) -> int:
     """What one adapted linear layer saves for backward (peft LoRA `Linear.forward`).
 
-    lora_A saves its input: the fp32 cast of x (a new tensor when a != 4), or dropout's output (fp32) when
-    dropout > 0, which also saves its mask: a bool mask on CUDA (fused native_dropout), an fp32 noise tensor on
-    other devices (aten's unfused dropout is x * noise); the mask only when x itself needs a gradient
-    (`input_rg`, false before the first adapter of layer 0). Without either, it is the layer's input itself, shared
-    by every adapted layer reading it (q/k/v, gate/up; o_proj's input is the attention output, already saved
-    by sdpa), counted once. lora_B saves lora_A's output (t x r, fp32).
+    The adapters compute in the model's dtype (a 16-bit model's fp32 LoRA weights are cast, not its activations:
+    training/speed.adapters_in), so lora_A's input and output are in the compute dtype. lora_A saves its input:
+    dropout's output when dropout > 0, which also saves its mask (a bool mask on CUDA, torch's fused
+    native_dropout, and on the CPU, desktune's WordDropout; a noise tensor in the compute dtype elsewhere), the
+    mask only when x itself needs a gradient (`input_rg`, false before the first adapter of layer 0). Without
+    dropout it is the layer's input itself, shared by every adapted layer reading it (q/k/v, gate/up; o_proj's
+    input is the attention output, already saved by sdpa), counted once. lora_B saves lora_A's output (t x r).
     DoRA also saves the base output (t x out, a) and the scaled LoRA output (t x out, fp32).
     """
     a, r = inputs.dtype_bytes, inputs.lora_r
-    saved = 4 * t * r
+    saved = a * t * r
     if inputs.lora_dropout > 0:
-        mask = (1 if inputs.device_type == "cuda" else 4) if input_rg else 0
-        saved += (4 + mask) * t * d_in
-    elif a != 4:
-        saved += 4 * t * d_in
+        mask = (1 if inputs.device_type in ("cuda", "cpu") else a) if input_rg else 0
+        saved += (a + mask) * t * d_in
     elif key not in shared_seen:
         shared_seen.add(key)
-        saved += 4 * t * d_in
+        saved += a * t * d_in
     if inputs.use_dora:
         saved += (a + 4) * t * d_out
     return saved
@@ -284,7 +283,19 @@ def _attention_saved(inputs: PlanInputs, t: int) -> int:
     out = a * t * arch.q_dim
     if arch.family == "phi3":  # v is a view of the fused qkv output, which stays alive whole
         kv_saved = kv_saved // 2 + a * t * (arch.q_dim + 2 * arch.kv_dim)
-    return q + kv_saved + out + lse + mask
+    # the CPU's grouped eager attention keeps each sample's probabilities: at most t / n samples of n tokens
+    probs = a * arch.heads * t * eager_attention_len(inputs)
+    return q + kv_saved + out + lse + mask + probs
+
+
+def eager_attention_len(inputs: PlanInputs) -> int:
+    """The longest sample of a packed row whose attention keeps its probabilities (the CPU's bf16 grouped eager
+    attention, models/packed_attention.py), 0 where no sample's does."""
+    if inputs.device_type != "cpu" or inputs.dtype_bytes != 2 or not inputs.packed:
+        return 0
+    if inputs.attn_implementation != "sdpa":
+        return 0
+    return min(inputs.seq_len, cpu_eager_attention_len(inputs.arch.heads))
 
 
 def layer_saved_bytes(inputs: PlanInputs, input_requires_grad: bool = True) -> int:
@@ -397,8 +408,8 @@ def _layer_backward_transient(inputs: PlanInputs, dequant: int = 0) -> int:
     mlp_peak = max(mlp * a * t * i, a * t * i + dequant)
     if inputs.attn_implementation == "eager":
         attn_peak = (a + 4) * inputs.micro_batch * arch.heads * inputs.seq_len ** 2
-    else:
-        attn_peak = a * t * (arch.q_dim + 2 * arch.kv_dim)
+    else:  # + the gradients of a grouped eager sample's probabilities and scores
+        attn_peak = a * t * (arch.q_dim + 2 * arch.kv_dim) + 2 * a * arch.heads * eager_attention_len(inputs) ** 2
     attn_peak = max(attn_peak, dequant) - _layer_parts(inputs)[1]
     return a * t * arch.hidden + max(mlp_peak, attn_peak)
 
