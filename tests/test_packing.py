@@ -115,24 +115,60 @@ def test_packed_and_padded_training_give_the_same_adapter(tiny_model_dir, tmp_pa
     assert any("lora_B" in k and ref[k].abs().max() > 1e-3 for k in ref)
 
 
-def test_bf16_packed_attention_on_the_cpu_runs_in_fp32_and_matches(tiny_model_dir, monkeypatch):
-    """On the CPU each sample's bf16 attention is computed in fp32 (faster there, see _fp32_on_cpu); the result
+def test_bf16_packed_attention_on_the_cpu_is_grouped_eager_up_to_its_length_and_fp32_sdpa_beyond(
+        tiny_model_dir, monkeypatch):
+    """On the CPU a bf16 sample runs the grouped eager attention when its probabilities are small enough to keep
+    (here: up to 16 tokens), a longer one SDPA in fp32 (faster there than in bf16, see _fp32_on_cpu); the result
     comes back in bf16 and matches the fp32 model's per-sample losses within bf16 rounding."""
-    exs = _examples()
+    from desktune.models import packed_attention
+
+    exs = _examples()  # 5, 17, 9 and 30 tokens
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     use_packed_attention(ref_model)
     ref = _per_position_ce(ref_model, pack(exs))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     use_packed_attention(model)
-    seen: list[tuple[torch.dtype, bool]] = []
-    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(packed_attention, "cpu_eager_attention_len", lambda heads: 16)
+    seen: list[tuple[int, torch.dtype, bool]] = []
+    eager: list[int] = []
+    real, real_eager = sdpa_attention.sdpa_attention_forward, packed_attention.grouped_causal
 
     def spy(m, q, *a, **kw):
-        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        seen.append((q.shape[2], q.dtype, torch.is_autocast_enabled("cpu")))
         return real(m, q, *a, **kw)
 
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(packed_attention, "grouped_causal", lambda q, *a: eager.append(q.shape[2]) or real_eager(q, *a))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _per_position_ce(model, pack(exs))
-    assert seen == [(torch.float32, False)] * (len(exs) * model.config.num_hidden_layers)
+    layers = model.config.num_hidden_layers
+    assert sorted(seen) == sorted([(17, torch.float32, False), (30, torch.float32, False)] * layers)
+    assert sorted(eager) == [5] * layers + [9] * layers
     torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 2)])
+def test_grouped_causal_attention_matches_float64_within_bf16_rounding(heads, kv_heads):
+    from desktune.models.packed_attention import grouped_causal
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 37, 16
+    leaves = [torch.randn(1, h, n, d, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(1, n, heads, d, generator=g).bfloat16()
+
+    def run(fn, dtype):
+        q, k, v = (t.to(dtype).requires_grad_() for t in leaves)
+        out = fn(q, k, v)
+        out.backward(grad_out.to(dtype))
+        return [out, q.grad, k.grad, v.grad]
+
+    def reference(q, k, v):
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.3)
+        return o.transpose(1, 2)
+
+    want = run(reference, torch.float64)
+    got = run(lambda q, k, v: grouped_causal(q, k, v, 0.3), torch.bfloat16)
+    eps = torch.finfo(torch.bfloat16).eps  # 2^-7: scores and probabilities are rounded to bf16 on the way
+    for name, w, x in zip(("out", "dq", "dk", "dv"), want, got, strict=True):
+        assert x.dtype == torch.bfloat16 and x.shape == w.shape, name
+        assert (x.double() - w).abs().max() <= 2 * eps * w.abs().max(), name

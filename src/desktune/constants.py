@@ -5,6 +5,7 @@ Nothing here imports torch (or anything heavy), so `desktune plan` can use it an
 
 from __future__ import annotations
 
+import math
 from importlib import metadata
 
 try:
@@ -32,6 +33,17 @@ LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_MAX_ROWS = 16, 4096
 def chunk_rows(vocab: int) -> int:
     """Target rows per loss chunk: LOSS_CHUNK_BYTES of fp32 logits (341 rows at a 49k vocabulary, 130 at 128k)."""
     return max(LOSS_CHUNK_MIN_ROWS, min(LOSS_CHUNK_MAX_ROWS, LOSS_CHUNK_BYTES // (4 * vocab)))
+
+
+# On the CPU a bf16 sample of a packed row whose attention probabilities (heads x len^2, 2 bytes each) fit in this
+# many bytes runs the grouped eager attention, which keeps them for backward (models/packed_attention.py); the
+# planner charges them (memory/estimate.py).
+CPU_EAGER_ATTENTION_BYTES = 16 * 2**20
+
+
+def cpu_eager_attention_len(heads: int) -> int:
+    """The longest sample whose attention runs eager on the CPU in bf16: 965 tokens at 9 heads, 512 at 32."""
+    return math.isqrt(CPU_EAGER_ATTENTION_BYTES // (2 * heads))
 
 
 NF4_BLOCK_SIZE = 64  # weights per absmax scale, as in QLoRA / bitsandbytes / torchao

@@ -4,6 +4,8 @@ Several samples share one row; `position_ids` restart at 0 where a sample starts
 right by building a block-diagonal row x row mask, but SDPA then computes every masked block too (quadratic in
 the row, not in the samples). Our own attention function runs SDPA causally on each sample's slice instead,
 the CPU/SDPA equivalent of varlen flash-attention: same result, sum(len_i^2) work instead of (sum len_i)^2.
+On the CPU in bf16 a sample runs `grouped_causal` (transformers' eager attention, heads grouped per key/value
+head) when its attention probabilities are small enough to keep, else SDPA's flash kernel in fp32.
 Anything it cannot handle exactly (a padding mask, a KV cache, sliding windows longer than a sample, soft-capped
 logits) goes to transformers' own SDPA path with its mask unchanged.
 """
@@ -16,6 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from desktune.constants import cpu_eager_attention_len
 
 ATTENTION = "desktune_packed"
 
@@ -50,21 +54,70 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = _cached_bounds(position_ids)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if len(bounds) == 1 or (window and max(e - s for s, e in bounds) > window):
+    eager_len = _eager_len(query, key, kwargs)
+    if (len(bounds) == 1 and q_len > eager_len) or (window and max(e - s for s, e in bounds) > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
     dtype = query.dtype
     with _fp32_on_cpu(query) as up:
-        outs = [sdpa_attention_forward(module, up(query[:, :, s:e]), up(key[:, :, s:e]), up(value[:, :, s:e]), None,
-                                       is_causal=True, **kwargs)[0] for s, e in bounds]
-    return torch.cat(outs, dim=1).to(dtype), None
+        outs = [grouped_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], kwargs.get("scaling"))
+                if e - s <= eager_len else
+                sdpa_attention_forward(module, up(query[:, :, s:e]), up(key[:, :, s:e]), up(value[:, :, s:e]), None,
+                                       is_causal=True, **kwargs)[0].to(dtype) for s, e in bounds]
+    return torch.cat(outs, dim=1), None
+
+
+# what grouped_causal handles, or may ignore (a sliding window is no shorter than the sample: checked above)
+_EAGER_KWARGS = frozenset({"dropout", "scaling", "position_ids", "sliding_window", "use_cache", "cache_position"})
+
+
+def _eager_len(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]) -> int:
+    """The longest sample `grouped_causal` takes: on the CPU in bf16, without attention dropout or anything else
+    it does not implement (0 elsewhere)."""
+    if query.device.type != "cpu" or query.dtype != torch.bfloat16 or query.shape[1] % key.shape[1]:
+        return 0
+    if kwargs.get("dropout") or set(kwargs) - _EAGER_KWARGS - {"is_causal"}:
+        return 0
+    return cpu_eager_attention_len(query.shape[1])
+
+
+_bias: tuple[tuple[Any, ...], torch.Tensor | None] = ((), None)
+
+
+def _causal_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """-inf above the diagonal of an n x n block, stacked `groups` times; kept for the sample's other layers."""
+    global _bias
+    key = (n, groups, dtype, device)
+    if _bias[0] != key:
+        _bias = (key, torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(groups, 1))
+    return _bias[1]  # type: ignore[return-value]
+
+
+def grouped_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+                   ) -> torch.Tensor:
+    """One sample's causal attention (query 1 x heads x n x d, key/value 1 x kv_heads x n x d) as transformers'
+    eager attention computes it in bf16 (scores and probabilities in bf16, the softmax accumulated in fp32), the
+    query heads of each key/value head stacked into one matrix product (no repeat_kv copy). Returns 1 x n x heads
+    x d, as SDPA's path does.
+
+    Ours for the CPU: its bf16 matrix products run near the matmul peak, where PyTorch's CPU flash-attention
+    kernel ran at ~40 GFLOP/s; measured on a 2-core bf16 EPYC, forward and backward of 128-1000 tokens took
+    0.2-0.4x the time of that kernel in fp32. It keeps the probabilities for backward (2 bytes x heads x n^2 a
+    layer), so only samples within constants.CPU_EAGER_ATTENTION_BYTES take it (the planner charges them)."""
+    _, heads, n, d = query.shape
+    kv = key.shape[1]
+    groups = heads // kv
+    q = (query[0] * (scaling if scaling is not None else d**-0.5)).reshape(kv, groups * n, d)
+    scores = torch.baddbmm(_causal_bias(n, groups, query.dtype, query.device), q, key[0].transpose(1, 2))
+    out = torch.bmm(torch.softmax(scores, dim=-1), value[0])  # kv x groups*n x d
+    return out.view(heads, n, d).transpose(0, 1).unsqueeze(0)
 
 
 @contextlib.contextmanager
 def _fp32_on_cpu(query: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """bf16 attention of short samples computed in fp32 on the CPU (autocast off): PyTorch's CPU flash-attention
-    backward in bf16 took 4.7 ms a layer for 4 samples of ~52 tokens, against 1.3 ms through fp32 (same result
-    up to the inputs' bf16 rounding). Elsewhere the tensors pass unchanged."""
+    """bf16 samples too long for `grouped_causal` computed by SDPA in fp32 on the CPU (autocast off): PyTorch's
+    CPU flash-attention backward in bf16 took 4.7 ms a layer for 4 samples of ~52 tokens, against 1.3 ms through
+    fp32 (same result up to the inputs' bf16 rounding). Elsewhere the tensors pass unchanged."""
     if query.device.type != "cpu" or query.dtype != torch.bfloat16:
         yield lambda t: t
         return
