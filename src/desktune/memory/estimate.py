@@ -24,7 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows, cpu_eager_attention_len
+from desktune.constants import (
+    NF4_BLOCK_SIZE,
+    NF4_SCALER_BLOCK_SIZE,
+    chunk_rows,
+    cpu_eager_attention_len,
+    cpu_eager_attention_rows,
+)
 from desktune.memory.catalog import ArchSpec
 from desktune.units import human_bytes
 
@@ -288,9 +294,23 @@ def _attention_saved(inputs: PlanInputs, t: int) -> int:
     return q + kv_saved + out + lse + mask + probs
 
 
+def cpu_attention_transient(inputs: PlanInputs) -> int:
+    """The CPU's bf16 attention in backward: a kept-probabilities sample's gradients of its probabilities and
+    scores (2 x heads x n^2), or a blockwise sample's recomputed block with those two (3 x heads x rows x n)."""
+    eager = eager_attention_len(inputs)
+    if not eager:
+        return 0
+    a, heads, n = inputs.dtype_bytes, inputs.arch.heads, inputs.seq_len
+    kept = 2 * a * heads * eager**2
+    if n <= eager:
+        return kept
+    return max(kept, 3 * a * heads * cpu_eager_attention_rows(heads, n) * n)
+
+
 def eager_attention_len(inputs: PlanInputs) -> int:
     """The longest sample of a packed row whose attention keeps its probabilities (the CPU's bf16 grouped eager
-    attention, models/packed_attention.py), 0 where no sample's does."""
+    attention, models/packed_attention.py; longer ones run in blocks), 0 where the CPU's bf16 attention is not
+    used."""
     if inputs.device_type != "cpu" or inputs.dtype_bytes != 2 or not inputs.packed:
         return 0
     if inputs.attn_implementation != "sdpa":
@@ -408,8 +428,8 @@ def _layer_backward_transient(inputs: PlanInputs, dequant: int = 0) -> int:
     mlp_peak = max(mlp * a * t * i, a * t * i + dequant)
     if inputs.attn_implementation == "eager":
         attn_peak = (a + 4) * inputs.micro_batch * arch.heads * inputs.seq_len ** 2
-    else:  # + the gradients of a grouped eager sample's probabilities and scores
-        attn_peak = a * t * (arch.q_dim + 2 * arch.kv_dim) + 2 * a * arch.heads * eager_attention_len(inputs) ** 2
+    else:
+        attn_peak = a * t * (arch.q_dim + 2 * arch.kv_dim) + cpu_attention_transient(inputs)
     attn_peak = max(attn_peak, dequant) - _layer_parts(inputs)[1]
     return a * t * arch.hidden + max(mlp_peak, attn_peak)
 
