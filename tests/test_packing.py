@@ -115,133 +115,24 @@ def test_packed_and_padded_training_give_the_same_adapter(tiny_model_dir, tmp_pa
     assert any("lora_B" in k and ref[k].abs().max() > 1e-3 for k in ref)
 
 
-@pytest.mark.parametrize("unsupported", [False, True], ids=["eager-and-blocks", "fp32-sdpa"])
-def test_bf16_packed_attention_on_the_cpu_keeps_probabilities_up_to_its_length_and_runs_blocks_beyond(
-        tiny_model_dir, monkeypatch, unsupported):
-    """On the CPU a bf16 sample runs the grouped eager attention when its probabilities are small enough to keep
-    (here: up to 16 tokens), a longer one in blocks of query rows (here 8); where neither applies (attention
-    dropout, say) SDPA in fp32 (faster there than in bf16, see _fp32_on_cpu). The result comes back in bf16 and
-    matches the fp32 model's per-sample losses within bf16 rounding."""
-    from desktune.models import packed_attention
-
-    exs = _examples()  # 5, 17, 9 and 30 tokens
+def test_bf16_packed_attention_on_the_cpu_runs_in_fp32_and_matches(tiny_model_dir, monkeypatch):
+    """On the CPU each sample's bf16 attention is computed in fp32 (faster there, see _fp32_on_cpu); the result
+    comes back in bf16 and matches the fp32 model's per-sample losses within bf16 rounding."""
+    exs = _examples()
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     use_packed_attention(ref_model)
     ref = _per_position_ce(ref_model, pack(exs))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     use_packed_attention(model)
-    monkeypatch.setattr(packed_attention, "cpu_eager_attention_len", lambda heads: 16)
-    monkeypatch.setattr(packed_attention, "cpu_eager_attention_rows", lambda heads, n: 8)
-    if unsupported:
-        monkeypatch.setattr(packed_attention, "_EAGER_KWARGS", frozenset())
-    seen: list[tuple[int, torch.dtype, bool]] = []
-    eager: list[int] = []
-    blocks: list[tuple[int, int]] = []
-    real, real_eager, real_block = (sdpa_attention.sdpa_attention_forward, packed_attention.grouped_causal,
-                                    packed_attention.blockwise_causal)
+    seen: list[tuple[torch.dtype, bool]] = []
+    real = sdpa_attention.sdpa_attention_forward
 
     def spy(m, q, *a, **kw):
-        seen.append((q.shape[2], q.dtype, torch.is_autocast_enabled("cpu")))
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
         return real(m, q, *a, **kw)
 
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", spy)
-    monkeypatch.setattr(packed_attention, "grouped_causal", lambda q, *a: eager.append(q.shape[2]) or real_eager(q, *a))
-    monkeypatch.setattr(packed_attention, "blockwise_causal",
-                        lambda q, k, v, s, rows: blocks.append((q.shape[2], rows)) or real_block(q, k, v, s, rows))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _per_position_ce(model, pack(exs))
-    layers = model.config.num_hidden_layers
-    if unsupported:
-        assert sorted(seen) == sorted([(n, torch.float32, False) for n in (5, 17, 9, 30)] * layers)
-        assert eager == blocks == []
-    else:
-        assert seen == []
-        assert sorted(eager) == [5] * layers + [9] * layers
-        assert sorted(blocks) == [(17, 8)] * layers + [(30, 8)] * layers
+    assert seen == [(torch.float32, False)] * (len(exs) * model.config.num_hidden_layers)
     torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
-
-
-@pytest.mark.parametrize("rows", [None, 8, 16], ids=["kept", "blocks-of-8", "blocks-of-16"])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 2)])
-def test_cpu_bf16_attention_matches_float64_within_bf16_rounding(heads, kv_heads, rows):
-    """grouped_causal (rows None) and blockwise_causal in blocks of `rows` query rows (37 tokens: 5 + 4 x 8,
-    5 + 2 x 16): output and gradients."""
-    from desktune.models.packed_attention import blockwise_causal, grouped_causal
-
-    g = torch.Generator().manual_seed(0)
-    n, d = 37, 16
-    leaves = [torch.randn(1, h, n, d, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads)]
-    grad_out = torch.randn(1, n, heads, d, generator=g).bfloat16()
-
-    def run(fn, dtype):
-        q, k, v = (t.to(dtype).clone().requires_grad_() for t in leaves)
-        out = fn(q, k, v)
-        out.backward(grad_out.to(dtype))
-        return [out, q.grad, k.grad, v.grad]
-
-    def reference(q, k, v):
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.3)
-        return o.transpose(1, 2)
-
-    want = run(reference, torch.float64)
-    attention = grouped_causal if rows is None else lambda *a: blockwise_causal(*a, rows)
-    got = run(lambda q, k, v: attention(q, k, v, 0.3), torch.bfloat16)
-    eps = torch.finfo(torch.bfloat16).eps  # 2^-7: scores and probabilities are rounded to bf16 on the way
-    for name, w, x in zip(("out", "dq", "dk", "dv"), want, got, strict=True):
-        assert x.dtype == torch.bfloat16 and x.shape == w.shape, name
-        assert (x.double() - w).abs().max() <= 2 * eps * w.abs().max(), name
-
-
-@pytest.mark.parametrize("rows", [None, 8], ids=["kept", "blocks"])
-def test_blockwise_attention_saves_no_probabilities_for_backward(rows):
-    """What autograd keeps after the forward: the kept path a heads x n x n probability matrix, the blockwise
-    path only its inputs (its blocks are recomputed in backward)."""
-    from desktune.models.packed_attention import blockwise_causal, grouped_causal
-
-    heads, kv, n, d = 4, 2, 40, 8
-    q, k, v = (torch.randn(1, h, n, d).bfloat16().requires_grad_() for h in (heads, kv, kv))
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = grouped_causal(q, k, v, None) if rows is None else blockwise_causal(q, k, v, None, rows)
-    out.sum().backward()
-    assert q.grad is not None and k.grad is not None
-    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
-    if rows is None:
-        assert max(t.numel() for t in saved) >= heads * n * n
-    else:
-        assert saved and {t.untyped_storage().data_ptr() for t in saved} <= inputs
-
-
-def test_blockwise_attention_inside_checkpointed_layers_gives_the_same_gradients(tiny_model_dir, monkeypatch):
-    """bf16 packed rows whose samples run in blocks (themselves recomputed in backward) inside decoder layers that
-    recompute in backward: the same loss and adapter gradients as without layer checkpointing."""
-    from desktune.adapters import attach_lora, enable_checkpointing
-    from desktune.config import LoraConfig
-    from desktune.models import packed_attention
-
-    monkeypatch.setattr(packed_attention, "cpu_eager_attention_len", lambda heads: 8)
-    monkeypatch.setattr(packed_attention, "cpu_eager_attention_rows", lambda heads, n: 8)
-    blocks = []
-    real = packed_attention.blockwise_causal
-    monkeypatch.setattr(packed_attention, "blockwise_causal", lambda *a: blocks.append(a[0].shape[2]) or real(*a))
-    batch = pack(_examples())
-
-    def loss_and_grads(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-        enable_checkpointing(model, checkpointing)
-        torch.manual_seed(0)
-        peft = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
-        peft.train()
-        use_packed_attention(peft)
-        s, n = target_ce_sum(peft, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-        (s / n).backward()
-        return (s / n).detach(), torch.cat([p.grad.flatten() for p in peft.parameters() if p.requires_grad])
-
-    ref = loss_and_grads(False)
-    assert blocks
-    got = loss_and_grads(True)
-    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
-    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)

@@ -24,13 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from desktune.constants import (
-    NF4_BLOCK_SIZE,
-    NF4_SCALER_BLOCK_SIZE,
-    chunk_rows,
-    cpu_eager_attention_len,
-    cpu_eager_attention_rows,
-)
+from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows
 from desktune.memory.catalog import ArchSpec
 from desktune.units import human_bytes
 
@@ -289,33 +283,7 @@ def _attention_saved(inputs: PlanInputs, t: int) -> int:
     out = a * t * arch.q_dim
     if arch.family == "phi3":  # v is a view of the fused qkv output, which stays alive whole
         kv_saved = kv_saved // 2 + a * t * (arch.q_dim + 2 * arch.kv_dim)
-    # the CPU's grouped eager attention keeps each sample's probabilities: at most t / n samples of n tokens
-    probs = a * arch.heads * t * eager_attention_len(inputs)
-    return q + kv_saved + out + lse + mask + probs
-
-
-def cpu_attention_transient(inputs: PlanInputs) -> int:
-    """The CPU's bf16 attention in backward: a kept-probabilities sample's gradients of its probabilities and
-    scores (2 x heads x n^2), or a blockwise sample's recomputed block with those two (3 x heads x rows x n)."""
-    eager = eager_attention_len(inputs)
-    if not eager:
-        return 0
-    a, heads, n = inputs.dtype_bytes, inputs.arch.heads, inputs.seq_len
-    kept = 2 * a * heads * eager**2
-    if n <= eager:
-        return kept
-    return max(kept, 3 * a * heads * cpu_eager_attention_rows(heads, n) * n)
-
-
-def eager_attention_len(inputs: PlanInputs) -> int:
-    """The longest sample of a packed row whose attention keeps its probabilities (the CPU's bf16 grouped eager
-    attention, models/packed_attention.py; longer ones run in blocks), 0 where the CPU's bf16 attention is not
-    used."""
-    if inputs.device_type != "cpu" or inputs.dtype_bytes != 2 or not inputs.packed:
-        return 0
-    if inputs.attn_implementation != "sdpa":
-        return 0
-    return min(inputs.seq_len, cpu_eager_attention_len(inputs.arch.heads))
+    return q + kv_saved + out + lse + mask
 
 
 def layer_saved_bytes(inputs: PlanInputs, input_requires_grad: bool = True) -> int:
@@ -429,7 +397,7 @@ def _layer_backward_transient(inputs: PlanInputs, dequant: int = 0) -> int:
     if inputs.attn_implementation == "eager":
         attn_peak = (a + 4) * inputs.micro_batch * arch.heads * inputs.seq_len ** 2
     else:
-        attn_peak = a * t * (arch.q_dim + 2 * arch.kv_dim) + cpu_attention_transient(inputs)
+        attn_peak = a * t * (arch.q_dim + 2 * arch.kv_dim)
     attn_peak = max(attn_peak, dequant) - _layer_parts(inputs)[1]
     return a * t * arch.hidden + max(mlp_peak, attn_peak)
 

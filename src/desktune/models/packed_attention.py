@@ -4,9 +4,6 @@ Several samples share one row; `position_ids` restart at 0 where a sample starts
 right by building a block-diagonal row x row mask, but SDPA then computes every masked block too (quadratic in
 the row, not in the samples). Our own attention function runs SDPA causally on each sample's slice instead,
 the CPU/SDPA equivalent of varlen flash-attention: same result, sum(len_i^2) work instead of (sum len_i)^2.
-On the CPU in bf16 a sample runs `grouped_causal` (transformers' eager attention, heads grouped per key/value
-head) when its attention probabilities are small enough to keep, else `blockwise_causal` (the same in blocks of
-query rows, recomputed in backward).
 Anything it cannot handle exactly (a padding mask, a KV cache, sliding windows longer than a sample, soft-capped
 logits) goes to transformers' own SDPA path with its mask unchanged.
 """
@@ -14,14 +11,11 @@ logits) goes to transformers' own SDPA path with its mask unchanged.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-
-from desktune.constants import cpu_eager_attention_len, cpu_eager_attention_rows
 
 ATTENTION = "desktune_packed"
 
@@ -56,109 +50,21 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = _cached_bounds(position_ids)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    eager_len = _eager_len(query, key, kwargs)
-    if (len(bounds) == 1 and not eager_len) or (window and max(e - s for s, e in bounds) > window):
+    if len(bounds) == 1 or (window and max(e - s for s, e in bounds) > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
-    outs = [_sample(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], eager_len, kwargs) for s, e in bounds]
-    return torch.cat(outs, dim=1), None
-
-
-def _sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, eager_len: int,
-            kwargs: dict[str, Any]) -> torch.Tensor:
-    """One sample's causal attention, 1 x n x heads x d: grouped eager up to `eager_len` tokens, blockwise above
-    it; SDPA (in fp32 on the CPU) where neither applies (`eager_len` 0)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    n = query.shape[2]
-    if eager_len and n <= eager_len:
-        return grouped_causal(query, key, value, kwargs.get("scaling"))
-    if eager_len:
-        return blockwise_causal(query, key, value, kwargs.get("scaling"), cpu_eager_attention_rows(query.shape[1], n))
+    dtype = query.dtype
     with _fp32_on_cpu(query) as up:
-        out = sdpa_attention_forward(module, up(query), up(key), up(value), None, is_causal=True, **kwargs)[0]
-    return out.to(query.dtype)
-
-
-# what grouped_causal handles, or may ignore (a sliding window is no shorter than the sample: checked above)
-_EAGER_KWARGS = frozenset({"dropout", "scaling", "position_ids", "sliding_window", "use_cache", "cache_position",
-                           "is_causal"})
-
-
-def _eager_len(query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]) -> int:
-    """The longest sample `grouped_causal` takes (longer ones take `blockwise_causal`): on the CPU in bf16, without
-    attention dropout or anything else they do not implement (0 elsewhere)."""
-    if query.device.type != "cpu" or query.dtype != torch.bfloat16 or query.shape[1] % key.shape[1]:
-        return 0
-    if kwargs.get("dropout") or set(kwargs) - _EAGER_KWARGS:
-        return 0
-    return cpu_eager_attention_len(query.shape[1])
-
-
-@functools.lru_cache(maxsize=4)
-def _causal_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-inf above the diagonal of an n x n block, stacked `groups` times; kept for the sample's other layers (and
-    for a blockwise sample's two block sizes)."""
-    return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(groups, 1)
-
-
-def grouped_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
-                   ) -> torch.Tensor:
-    """One sample's causal attention (query 1 x heads x n x d, key/value 1 x kv_heads x n x d) as transformers'
-    eager attention computes it in bf16 (scores and probabilities in bf16, the softmax accumulated in fp32), the
-    query heads of each key/value head stacked into one matrix product (no repeat_kv copy). Returns 1 x n x heads
-    x d, as SDPA's path does.
-
-    Ours for the CPU: its bf16 matrix products run near the matmul peak, where PyTorch's CPU flash-attention
-    kernel ran at ~40 GFLOP/s; measured on a 2-core bf16 EPYC, forward and backward of 128-1000 tokens took
-    0.2-0.4x the time of that kernel in fp32. It keeps the probabilities for backward (2 bytes x heads x n^2 a
-    layer), so only samples within constants.CPU_EAGER_ATTENTION_BYTES take it (the planner charges them)."""
-    _, heads, n, d = query.shape
-    kv = key.shape[1]
-    groups = heads // kv
-    q = (query[0] * (scaling if scaling is not None else d**-0.5)).reshape(kv, groups * n, d)
-    scores = torch.baddbmm(_causal_bias(n, groups, query.dtype, query.device), q, key[0].transpose(1, 2))
-    out = torch.bmm(torch.softmax(scores, dim=-1), value[0])  # kv x groups*n x d
-    return out.view(heads, n, d).transpose(0, 1).unsqueeze(0)
-
-
-def blockwise_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
-                     rows: int) -> torch.Tensor:
-    """`grouped_causal` in blocks of `rows` query rows (the first block takes the remainder), each against only
-    the keys up to its last row, its probabilities recomputed in backward (non-reentrant checkpoint): per layer it
-    keeps views of q, k and v and its output, like SDPA, and the probabilities exist one block at a time.
-
-    Ours for the CPU, for samples whose probabilities are too large to keep: bf16 matrix products near the
-    matmul peak where PyTorch's CPU flash-attention kernel in fp32 ran at ~40 GFLOP/s, and causal blocks skip
-    the masked half of the scores. Same values as `grouped_causal` (row-wise softmax; recomputed identically)."""
-    from torch.utils.checkpoint import checkpoint
-
-    n = query.shape[2]
-    ends = range(n, 0, -rows)[::-1]
-    outs = [checkpoint(_causal_block, query, key, value, max(0, end - rows), end, scaling, use_reentrant=False)
-            for end in ends]
-    return torch.cat(outs, dim=2).transpose(1, 2)
-
-
-def _causal_block(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: int, end: int,
-                  scaling: float | None) -> torch.Tensor:
-    """Query rows start..end of one sample against keys 0..end, causal: 1 x heads x (end - start) x d."""
-    _, heads, _, d = query.shape
-    kv, rows = key.shape[1], end - start
-    groups = heads // kv
-    q = (query[0, :, start:end] * (scaling if scaling is not None else d**-0.5)).reshape(kv, groups * rows, d)
-    scores = torch.bmm(q, key[0, :, :end].transpose(1, 2))
-    scores[:, :, start:].add_(_causal_bias(rows, groups, query.dtype, query.device))
-    out = torch.bmm(torch.softmax(scores, dim=-1), value[0, :, :end])  # kv x groups*rows x d
-    return out.view(1, heads, rows, d)
+        outs = [sdpa_attention_forward(module, up(query[:, :, s:e]), up(key[:, :, s:e]), up(value[:, :, s:e]), None,
+                                       is_causal=True, **kwargs)[0] for s, e in bounds]
+    return torch.cat(outs, dim=1).to(dtype), None
 
 
 @contextlib.contextmanager
 def _fp32_on_cpu(query: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """bf16 samples the grouped and blockwise paths do not take (attention dropout, say) computed by SDPA in fp32
-    on the CPU (autocast off): PyTorch's CPU flash-attention backward in bf16 took 4.7 ms a layer for 4 samples of
-    ~52 tokens, against 1.3 ms through fp32 (same result up to the inputs' bf16 rounding). Elsewhere the tensors
-    pass unchanged."""
+    """bf16 attention of short samples computed in fp32 on the CPU (autocast off): PyTorch's CPU flash-attention
+    backward in bf16 took 4.7 ms a layer for 4 samples of ~52 tokens, against 1.3 ms through fp32 (same result
+    up to the inputs' bf16 rounding). Elsewhere the tensors pass unchanged."""
     if query.device.type != "cpu" or query.dtype != torch.bfloat16:
         yield lambda t: t
         return
