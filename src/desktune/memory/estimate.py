@@ -281,9 +281,19 @@ def _attention_saved(inputs: PlanInputs, t: int) -> int:
         kv_saved = 2 * kv
     lse = 4 * b * arch.heads * s
     out = a * t * arch.q_dim
+    if cpu_fp32_attention(inputs):  # fp32 copies of q, k, v and the fp32 output are what SDPA saves
+        q, kv_saved, out = 4 * t * arch.q_dim, 2 * 4 * t * arch.kv_dim, 4 * t * arch.q_dim
     if arch.family == "phi3":  # v is a view of the fused qkv output, which stays alive whole
         kv_saved = kv_saved // 2 + a * t * (arch.q_dim + 2 * arch.kv_dim)
     return q + kv_saved + out + lse + mask
+
+
+def cpu_fp32_attention(inputs: PlanInputs) -> bool:
+    """Packed rows of a 16-bit model on the CPU: each sample's SDPA runs in fp32 (models/packed_attention
+    `_fp32_on_cpu`), so it saves fp32 copies of q, k and v and its fp32 output, and the output o_proj reads (cast
+    back) is a tensor of its own."""
+    return inputs.device_type == "cpu" and inputs.dtype_bytes == 2 and inputs.packed and \
+        inputs.attn_implementation == "sdpa"
 
 
 def layer_saved_bytes(inputs: PlanInputs, input_requires_grad: bool = True) -> int:
@@ -305,7 +315,8 @@ def _layer_parts(inputs: PlanInputs, input_requires_grad: bool = True) -> tuple[
     targets = set(target_modules(inputs))
     norm = 4 * t * h + 4 * t  # RMSNorm: its input in fp32 (pow and mul save it) and rsqrt (t x 1, fp32)
     # o_proj's input is sdpa's / flash's output (already counted), laid out so the transpose needs no copy
-    shared: set[str] = set() if inputs.attn_implementation == "eager" else {"o_in"}
+    own_output = inputs.attn_implementation == "eager" or cpu_fp32_attention(inputs)
+    shared: set[str] = set() if own_output else {"o_in"}
     total = 0
     rg = input_requires_grad
     if rg:
@@ -396,8 +407,8 @@ def _layer_backward_transient(inputs: PlanInputs, dequant: int = 0) -> int:
     mlp_peak = max(mlp * a * t * i, a * t * i + dequant)
     if inputs.attn_implementation == "eager":
         attn_peak = (a + 4) * inputs.micro_batch * arch.heads * inputs.seq_len ** 2
-    else:
-        attn_peak = a * t * (arch.q_dim + 2 * arch.kv_dim)
+    else:  # the gradients of q, k and v (in fp32 where the CPU's packed attention runs in fp32)
+        attn_peak = (4 if cpu_fp32_attention(inputs) else a) * t * (arch.q_dim + 2 * arch.kv_dim)
     attn_peak = max(attn_peak, dequant) - _layer_parts(inputs)[1]
     return a * t * arch.hidden + max(mlp_peak, attn_peak)
 
