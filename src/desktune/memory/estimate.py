@@ -292,8 +292,8 @@ def cpu_fp32_attention(inputs: PlanInputs) -> bool:
     """Packed rows of a 16-bit model on the CPU: each sample's SDPA runs in fp32 (models/packed_attention
     `_fp32_on_cpu`), so it saves fp32 copies of q, k and v and its fp32 output, and the output o_proj reads (cast
     back) is a tensor of its own."""
-    return inputs.device_type == "cpu" and inputs.dtype_bytes == 2 and inputs.packed and \
-        inputs.attn_implementation == "sdpa"
+    return (inputs.device_type == "cpu" and inputs.dtype_bytes == 2 and inputs.packed
+            and inputs.attn_implementation == "sdpa")
 
 
 def layer_saved_bytes(inputs: PlanInputs, input_requires_grad: bool = True) -> int:

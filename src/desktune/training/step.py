@@ -251,7 +251,7 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None, d: 
     Ours, not torch's clip_grad_norm_: each gradient's sum of squares in float64, the shards' sums added over the
     ranks under fsdp2, so one process and several get the same norm and scale by the same float32 factor. torch's
     norm of FSDP2's DTensor shards rounds differently from one process's norm of whole tensors, and where clipping
-    was active that carried a run 1.0e-05 away from one process's adapter."""
+    was active that carried a run 1.05e-05 away from one process's adapter."""
     grads = [local_part(p.grad) for p in params if p.grad is not None]
     if not grads:
         return 0.0
