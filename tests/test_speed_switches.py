@@ -170,6 +170,14 @@ def test_switches_needing_a_gpu_turn_off_with_a_note_on_cpu(tiny_model_dir, tmp_
     assert "no effect" in choose_switches(bf16, torch.device("cpu"), torch.bfloat16).notes[0]
 
 
+def test_compile_on_the_cpu_is_kept_with_a_note(tiny_model_dir, tmp_path):
+    cfg = load_config(tiny_config(tiny_model_dir, tmp_path, train={"compile": True}))
+    cpu = choose_switches(cfg, torch.device("cpu"), torch.float32)
+    assert cpu.compiled and any(n.startswith("train.compile: measured slower") for n in cpu.notes)
+    cuda = choose_switches(cfg, torch.device("cuda"), torch.float32)
+    assert cuda.compiled and not any("train.compile" in n for n in cuda.notes)
+
+
 def test_run_with_switches_logs_notes_and_restores_attention(tiny_model_dir, tmp_path):
     raw = tiny_config(tiny_model_dir, tmp_path, train={"fused_kernels": "liger", "max_steps": 2},
                       data={"val_fraction": 0.0})

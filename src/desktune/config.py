@@ -128,7 +128,9 @@ class TrainConfig(_Strict):
         "off", description="Mixed precision over an fp32 model: matmuls in bf16/fp16, weights and loss in fp32. "
         "bf16 pays off only on hardware with native bf16 (recent GPUs, CPUs with AVX512-BF16/AMX).",
     )
-    compile: bool = Field(False, description="torch.compile each decoder layer (pays off on runs of many steps).")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (measured slower than without on the CPU; not run on "
+        "CUDA in this project).")
     fused_kernels: Literal["off", "liger", "auto"] = Field(
         "off", description="liger: liger-kernel's fused RMSNorm/SwiGLU/RoPE on CUDA (pip install liger-kernel), "
         "undone after training; off when its model_type is not covered or it patches nothing. Experimental: it "

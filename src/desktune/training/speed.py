@@ -138,6 +138,9 @@ def choose_switches(cfg: RunConfig, device: torch.device, dtype: torch.dtype) ->
         else:
             out.fused_kernels = "liger"
     out.compiled = tcfg.compile
+    if tcfg.compile and device.type == "cpu":
+        out.notes.append("train.compile: measured slower than without on the CPU (benchmarks/profile_step.py on a "
+                         "2-core bf16 EPYC: 22-89 tokens/s with it, 317-346 without); kept as asked")
     out.packed_attention = cfg.data.packing
     out.word_dropout = device.type == "cpu" and cfg.lora.dropout > 0
     return out
