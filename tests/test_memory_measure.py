@@ -13,6 +13,7 @@ from desktune.memory.estimate import estimate
 from desktune.memory.measure import tensor_storages
 from desktune.scoring.ce import target_ce_sum
 from desktune.training.optim import make_optimizer
+from tests.tiny import packed_bf16_step_peak
 
 
 def test_tracker_counts_live_tensors():
@@ -90,34 +91,12 @@ def test_estimate_matches_a_real_training_step():
 def test_estimate_charges_the_fp32_copies_the_cpu_bf16_packed_attention_saves(monkeypatch):
     """bf16 on the CPU, packed rows: each sample's SDPA runs in fp32 and saves fp32 copies of q, k, v and its
     output, and o_proj's input is a bf16 cast of its own; the plan of a real step counts them."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from desktune.data import IGNORE_INDEX, pack
-    from desktune.data.encode import Example
-    from desktune.models.packed_attention import restore_attention, use_packed_attention
-    from desktune.training.speed import adapters_in
-
     arch = ArchSpec(name="heads", family="llama", hidden=128, intermediate=256, layers=2, heads=8, kv_heads=2,
                     head_dim=16, vocab=1024, tied_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-        num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
-        head_dim=arch.head_dim, tie_word_embeddings=True, attn_implementation="sdpa")).to(torch.bfloat16)
-    model.requires_grad_(False)
-    model = attach_lora(model, LoraConfig(r=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    model.train()
-    previous = use_packed_attention(model)
-    g = torch.Generator().manual_seed(0)
-    samples = [torch.randint(0, arch.vocab, (384,), generator=g).tolist() for _ in range(2)]
-    batch = pack([Example(input_ids=ids, labels=[IGNORE_INDEX, *ids[1:]], source="s") for ids in samples])
-    with PeakTracker("cpu", model_tensors(model)) as tr, adapters_in(model, torch.device("cpu"), torch.bfloat16):
-        loss, n = target_ce_sum(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
-        (loss / n).backward()
-    restore_attention(model, previous)
+    peak = packed_bf16_step_peak(arch)
     inputs = PlanInputs(arch=arch, seq_len=384, micro_batch=2, grad_accum=1, dtype_bytes=2, device_type="cpu",
                         lora_r=8, lora_dropout=0.0, packed=True, padded=False, optimizer="adamw")
-    error = abs(estimate(inputs).tensor_bytes - tr.peak_bytes) / tr.peak_bytes
+    error = abs(estimate(inputs).tensor_bytes - peak) / peak
     monkeypatch.setattr(estimate_module, "cpu_fp32_attention", lambda inputs: False)
-    error_without = abs(estimate(inputs).tensor_bytes - tr.peak_bytes) / tr.peak_bytes
+    error_without = abs(estimate(inputs).tensor_bytes - peak) / peak
     assert error < 0.05 < error_without, (error, error_without)

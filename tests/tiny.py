@@ -130,3 +130,34 @@ def lora_adapter(model_dir: Path, out: Path, **kw) -> Path:
     peft.get_peft_model(base, cfg).save_pretrained(out)
     (out / CHAT_TEMPLATE).write_text(CHATML, encoding="utf-8")
     return out
+
+
+def packed_bf16_step_peak(arch, seq: int = 384, rows: int = 2) -> int:
+    """Peak live-tensor bytes of one packed bf16 LoRA step (q,k,v,o r8, no dropout) of a random Llama of `arch`
+    (a memory.catalog.ArchSpec), `rows` samples of `seq` tokens in one row, as desktune's step computes it."""
+    from desktune.adapters import attach_lora
+    from desktune.config import LoraConfig
+    from desktune.data import IGNORE_INDEX, pack
+    from desktune.data.encode import Example
+    from desktune.memory import PeakTracker, model_tensors
+    from desktune.models.packed_attention import restore_attention, use_packed_attention
+    from desktune.scoring.ce import target_ce_sum
+    from desktune.training.speed import adapters_in
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
+        head_dim=arch.head_dim, tie_word_embeddings=True, attn_implementation="sdpa")).to(torch.bfloat16)
+    model.requires_grad_(False)
+    model = attach_lora(model, LoraConfig(r=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    previous = use_packed_attention(model)
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, arch.vocab, (seq,), generator=g).tolist() for _ in range(rows)]
+    batch = pack([Example(input_ids=ids, labels=[IGNORE_INDEX, *ids[1:]], source="s") for ids in samples])
+    with PeakTracker("cpu", model_tensors(model)) as tr, adapters_in(model, torch.device("cpu"), torch.bfloat16):
+        loss, n = target_ce_sum(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
+        (loss / n).backward()
+    restore_attention(model, previous)
+    return tr.peak_bytes

@@ -209,6 +209,7 @@ def plan(
               "train.chunked_loss": False if full_loss else None, "train.offload_params": offload_params}
     overrides = [f"{k}={v.value if isinstance(v, Enum) else v}" for k, v in values.items() if v is not None]
     cfg = load_config(config if config is not None else {"data": {"train": "-"}}, overrides)
+    kernel = False  # a named device's CPU is not this one: its attention planned on PyTorch's SDPA (the larger)
     if device or config is None:  # planning for a named device: no torch import, answers in a second
         device_type, dtype_bytes = device.value if device else "cuda", DTYPE_BYTES[dtype.value if dtype else "bf16"]
         setting = effective_budget(cfg.train.memory_budget, device_type)
@@ -217,10 +218,10 @@ def plan(
         from desktune.hardware import detect
 
         hw = detect(cfg.train.device, dtype.value if dtype else cfg.model.dtype)
-        device_type, dtype_bytes = hw.device.type, hw.dtype.itemsize
+        device_type, dtype_bytes, kernel = hw.device.type, hw.dtype.itemsize, hw.cpu_attention_kernel
         setting = effective_budget(cfg.train.memory_budget, device_type)
     limit = budget or setting
-    _, result = plan_run(cfg, device_type, dtype_bytes, nproc)
+    _, result = plan_run(cfg, device_type, dtype_bytes, nproc, kernel)
     print_plan(result, budget_bytes(limit, device_type) if limit else None, console=out)
 
 

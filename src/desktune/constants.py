@@ -37,4 +37,9 @@ def chunk_rows(vocab: int) -> int:
 NF4_BLOCK_SIZE = 64  # weights per absmax scale, as in QLoRA / bitsandbytes / torchao
 NF4_SCALER_BLOCK_SIZE = 256  # absmax scales per int8 double-quantization group, as in bitsandbytes
 
+# desktune's own CPU attention kernel (models/cpu_attention.c) for packed bf16 rows: its head size, and the
+# variable that switches it off ("0"); the planner charges what it saves (memory/estimate.py).
+CPU_ATTENTION_HEAD_DIM = 64
+CPU_ATTENTION_ENV = "DESKTUNE_CPU_ATTENTION"
+
 DEBUG_ENV = "DESKTUNE_DEBUG"  # set to 1: a user error also prints the full traceback of its cause

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 
-from desktune.constants import DTYPE_NAMES
+from desktune.constants import CPU_ATTENTION_ENV, DTYPE_NAMES
 from desktune.errors import DesktuneError
 from desktune.units import human_bytes
 
@@ -27,6 +29,7 @@ class Hardware:
 
     device: torch.device
     dtype: torch.dtype
+    cpu_attention_kernel: bool = False  # desktune's CPU attention kernel can run (`cpu_attention_kernel_possible`)
 
     @property
     def name(self) -> str:
@@ -66,6 +69,24 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        return frozenset()
+    return next((frozenset(line.split(":", 1)[1].split()) for line in text.splitlines()
+                 if line.startswith("flags")), frozenset())
+
+
+def cpu_attention_kernel_possible() -> bool:
+    """Whether desktune's CPU attention kernel can run here: AVX512-BF16 dot products, a C compiler to build it
+    (models/cpu_attention.py), and DESKTUNE_CPU_ATTENTION not set to 0."""
+    return (os.environ.get(CPU_ATTENTION_ENV, "1") != "0" and "avx512_bf16" in cpu_flags()
+            and (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")) is not None)
+
+
 def cuda_bf16_native(device: torch.device) -> bool:
     """True when the CUDA GPU computes bf16 natively: compute capability 8.0+ (Ampere on), or ROCm.
 
@@ -101,7 +122,8 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 def detect(device: str = "auto", dtype: str = "auto") -> Hardware:
     """Resolve device and precision from the config's requests."""
     dev = pick_device(device)
-    return Hardware(device=dev, dtype=pick_dtype(dtype, dev))
+    return Hardware(device=dev, dtype=pick_dtype(dtype, dev),
+                    cpu_attention_kernel=dev.type == "cpu" and cpu_attention_kernel_possible())
 
 
 def set_threads(threads: int | None, processes: int = 1) -> None:

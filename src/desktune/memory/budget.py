@@ -50,11 +50,12 @@ def budget_bytes(budget: str, device_type: str) -> int:
     return free + {"cuda": CUDA_CONTEXT_BYTES, "cpu": CPU_LIBRARY_BYTES}.get(device_type, 0)
 
 
-def plan_run(cfg: RunConfig, device_type: str, dtype_bytes: int, nproc: int = 1) -> tuple[PlanInputs, Plan]:
+def plan_run(cfg: RunConfig, device_type: str, dtype_bytes: int, nproc: int = 1,
+             cpu_attention_kernel: bool = False) -> tuple[PlanInputs, Plan]:
     """The predicted peak of one training step of `cfg` per device, on `nproc` devices of a type with that
-    compute dtype size."""
+    compute dtype size (`cpu_attention_kernel`: the CPU runs desktune's attention kernel, `Hardware`'s field)."""
     inputs = PlanInputs.from_run_config(cfg, arch_for_model(cfg.model.name), device_type, dtype_bytes=dtype_bytes,
-                                        nproc=nproc)
+                                        nproc=nproc).with_(cpu_attention_kernel=cpu_attention_kernel)
     return inputs, estimate(inputs)
 
 
@@ -81,7 +82,7 @@ def fit_to_budget(cfg: RunConfig, hw: Hardware, nproc: int = 1) -> tuple[RunConf
                             "run to a budget", where="train.memory_budget",
                             fix="set train.memory_budget: none, or turn off train.offload_activations")
     budget = budget_bytes(setting, hw.device.type)
-    inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize, nproc)
+    inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize, nproc, hw.cpu_attention_kernel)
     if plan.total <= budget:
         return cfg, f"memory plan: {human_bytes(plan.total)} of {human_bytes(budget)} budget; settings kept"
     effective = cfg.train.samples_per_step

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from desktune.constants import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows
+from desktune.constants import CPU_ATTENTION_HEAD_DIM, NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, chunk_rows
 from desktune.memory.catalog import ArchSpec
 from desktune.units import human_bytes
 
@@ -72,6 +72,7 @@ class PlanInputs:
     nproc: int = 1  # processes, one per device, sharing each optimizer step
     distributed: str = "ddp"  # with nproc > 1: ddp (replicated) | fsdp2 (decoder layers sharded)
     offload_params: bool = False  # fsdp2: sharded parameters (and their gradients, optimizer state) in host memory
+    cpu_attention_kernel: bool = False  # the CPU can run desktune's attention kernel (hardware.py)
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
@@ -288,12 +289,25 @@ def _attention_saved(inputs: PlanInputs, t: int) -> int:
     return q + kv_saved + out + lse + mask
 
 
-def cpu_fp32_attention(inputs: PlanInputs) -> bool:
-    """Packed rows of a 16-bit model on the CPU: each sample's SDPA runs in fp32 (models/packed_attention
-    `_fp32_on_cpu`), so it saves fp32 copies of q, k and v and its fp32 output, and the output o_proj reads (cast
-    back) is a tensor of its own."""
+def cpu_packed_16bit(inputs: PlanInputs) -> bool:
+    """Packed rows of a 16-bit model on the CPU (models/packed_attention.py runs their attention)."""
     return (inputs.device_type == "cpu" and inputs.dtype_bytes == 2 and inputs.packed
             and inputs.attn_implementation == "sdpa")
+
+
+def cpu_kernel_attention(inputs: PlanInputs) -> bool:
+    """desktune's CPU kernel runs the attention (models/cpu_attention.py): it saves q, k, v and its output as
+    they are plus an fp32 log-sum-exp, like SDPA in 16 bits; its backward makes fp32 key/value gradients per
+    query head before adding each group's."""
+    return (cpu_packed_16bit(inputs) and inputs.cpu_attention_kernel
+            and inputs.arch.head_dim == CPU_ATTENTION_HEAD_DIM)
+
+
+def cpu_fp32_attention(inputs: PlanInputs) -> bool:
+    """Packed 16-bit rows on the CPU without the kernel: each sample's SDPA runs in fp32 (models/packed_attention
+    `_fp32_on_cpu`), so it saves fp32 copies of q, k and v and its fp32 output, and the output o_proj reads (cast
+    back) is a tensor of its own."""
+    return cpu_packed_16bit(inputs) and not cpu_kernel_attention(inputs)
 
 
 def layer_saved_bytes(inputs: PlanInputs, input_requires_grad: bool = True) -> int:
@@ -407,6 +421,8 @@ def _layer_backward_transient(inputs: PlanInputs, dequant: int = 0) -> int:
     mlp_peak = max(mlp * a * t * i, a * t * i + dequant)
     if inputs.attn_implementation == "eager":
         attn_peak = (a + 4) * inputs.micro_batch * arch.heads * inputs.seq_len ** 2
+    elif cpu_kernel_attention(inputs):  # dq; fp32 dk, dv per query head; one group sum in fp32 and its cast
+        attn_peak = (a + 8) * t * arch.q_dim + (4 + a) * t * arch.kv_dim
     else:  # the gradients of q, k and v (in fp32 where the CPU's packed attention runs in fp32)
         attn_peak = (4 if cpu_fp32_attention(inputs) else a) * t * (arch.q_dim + 2 * arch.kv_dim)
     attn_peak = max(attn_peak, dequant) - _layer_parts(inputs)[1]

@@ -5,7 +5,8 @@ right by building a block-diagonal row x row mask, but SDPA then computes every 
 the row, not in the samples). Our own attention function runs SDPA causally on each sample's slice instead,
 the CPU/SDPA equivalent of varlen flash-attention: same result, sum(len_i^2) work instead of (sum len_i)^2.
 Anything it cannot handle exactly (a padding mask, a KV cache, sliding windows longer than a sample, soft-capped
-logits) goes to transformers' own SDPA path with its mask unchanged.
+logits) goes to transformers' own SDPA path with its mask unchanged. Packed bf16 rows on a CPU with AVX512-BF16
+go to desktune's own kernel (models/cpu_attention.py), one call for all the row's samples.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from desktune.models import cpu_attention
 
 ATTENTION = "desktune_packed"
 
@@ -50,7 +53,12 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = _cached_bounds(position_ids)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if len(bounds) == 1 or (window and max(e - s for s, e in bounds) > window):
+    if (len(bounds) == 1 and attention_mask is not None) or (window and max(e - s for s, e in bounds) > window):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if cpu_attention.usable(query, key, value) and not kwargs.get("dropout"):
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return cpu_attention.packed_causal_attention(query, key, value, bounds, scale), None
+    if len(bounds) == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
     dtype = query.dtype
@@ -62,10 +70,11 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
 
 @contextlib.contextmanager
 def _fp32_on_cpu(query: torch.Tensor) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """Every sample's bf16 attention computed in fp32 on the CPU (autocast off): PyTorch's CPU flash-attention
-    backward in bf16 took 4.7 ms a layer for 4 samples of ~52 tokens, against 1.3 ms through fp32 (same result
-    up to the inputs' bf16 rounding); over the race's samples (35-994 tokens) bf16 took 1.05-1.10x the fp32 time
-    on a 419 GFLOP/s EPYC (0.71x at 994 tokens on a 789 GFLOP/s one). Elsewhere the tensors pass unchanged."""
+    """Every sample's bf16 attention computed in fp32 on a CPU where desktune's kernel does not run (autocast
+    off): PyTorch's CPU flash-attention backward in bf16 took 4.7 ms a layer for 4 samples of ~52 tokens, against
+    1.3 ms through fp32 (same result up to the inputs' bf16 rounding); over the race's samples (35-994 tokens) bf16
+    took 1.05-1.10x the fp32 time on a 419 GFLOP/s EPYC (0.71x at 994 tokens on a 789 GFLOP/s one). Elsewhere the
+    tensors pass unchanged."""
     if query.device.type != "cpu" or query.dtype != torch.bfloat16:
         yield lambda t: t
         return
