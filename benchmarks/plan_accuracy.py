@@ -251,7 +251,8 @@ def product_child(overrides: list[str]) -> dict[str, float]:
     step.micro_batches = spy
     with PeakTracker(torch.device("cpu"), model_tensors(run.model)) as tracker:
         loop.fit(run)
-    inputs, _ = plan_run(run.cfg, "cpu", run.loaded.hardware.dtype.itemsize)
+    hw = run.loaded.hardware
+    inputs, _ = plan_run(run.cfg, "cpu", hw.dtype.itemsize, cpu_attention_kernel=hw.cpu_attention_kernel)
     plans = [estimate(inputs.with_(micro_batch=b, seq_len=n, target_fraction=f, padded=pad))
              for b, n, f, pad in set(shapes)]
     worst = max(plans, key=lambda p: p.total)
