@@ -75,8 +75,9 @@ def errors(rows, fn) -> tuple[float, float]:
     for q, k, v, bounds, grad in rows:
         res = []
         for f in (fn, lambda *a: per_sample_sdpa(*a, fp32=True)):
-            f(q, k, v, bounds).backward(grad)
-            res.append([t.detach().float() for t in (f(q, k, v, bounds), q.grad, k.grad, v.grad)])
+            out = f(q, k, v, bounds)
+            out.backward(grad)
+            res.append([t.detach().float() for t in (out, q.grad, k.grad, v.grad)])
             q.grad = k.grad = v.grad = None
         rel = [float((a - b).norm() / b.norm()) for a, b in zip(*res, strict=True)]
         worst_out, worst_grad = max(worst_out, rel[0]), max(worst_grad, *rel[1:])

@@ -62,11 +62,10 @@ def cpu_supports_bf16() -> bool:
     """
     if torch.backends.cpu.get_cpu_capability() in {"AVX512_BF16", "AMX"}:
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
-    except OSError:  # macOS/Windows: PyTorch's bf16 on CPU is still correct, and Apple silicon has it
+    flags = cpu_flags()
+    if not flags:  # macOS/Windows: PyTorch's bf16 on CPU is still correct, and Apple silicon has it
         return torch.backends.mps.is_available()
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @cache
@@ -80,11 +79,20 @@ def cpu_flags() -> frozenset[str]:
                  if line.startswith("flags")), frozenset())
 
 
+def c_compiler() -> str | None:
+    """The C compiler to build desktune's CPU attention kernel with: $CC, else cc or gcc on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def cpu_attention_switched_off() -> bool:
+    """DESKTUNE_CPU_ATTENTION=0: PyTorch's SDPA everywhere (read at each call, so a process can switch it)."""
+    return os.environ.get(CPU_ATTENTION_ENV, "1") == "0"
+
+
 def cpu_attention_kernel_possible() -> bool:
     """Whether desktune's CPU attention kernel can run here: AVX512-BF16 dot products, a C compiler to build it
     (models/cpu_attention.py), and DESKTUNE_CPU_ATTENTION not set to 0."""
-    return (os.environ.get(CPU_ATTENTION_ENV, "1") != "0" and "avx512_bf16" in cpu_flags()
-            and (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")) is not None)
+    return not cpu_attention_switched_off() and "avx512_bf16" in cpu_flags() and c_compiler() is not None
 
 
 def cuda_bf16_native(device: torch.device) -> bool:

@@ -5,7 +5,7 @@
  * Layouts (element strides in bf16 elements; head_dim 64):
  *   q:  row (t, h) at q + h * q_sh + t * q_st          k, v: row (t, g) at k + g * kv_sh + t * kv_st
  *   o:  [T][H][64] bf16, lse: [H][T] fp32
- *   do: [T][H][64] bf16; dq: row (t, h) at dq + h * q_sh2 + t * q_st2; dk, dv: [H][T][64] fp32 per query head.
+ *   do: [T][H][64] bf16; dq: [H][T][64] bf16; dk, dv: [H][T][64] fp32 per query head (the caller adds groups).
  */
 #define _GNU_SOURCE
 #include <immintrin.h>
@@ -255,14 +255,14 @@ static void backward_unit(Job *job, Scratch *sc, int seg, int h) {
     pack_cols(sc->Vc, sc->dO, np);
     copy_rows(sc->dO, job->dout + ((size_t)t0 * job->H + h) * D, (long)job->H * D, n, np);
     transpose_rows(sc->dOr, sc->dO, np);
-    for (int i = 0; i < np; i++) {
-        int t = t0 + i;
+    for (int i = 0; i < np; i++) { /* delta = rowsum(dO * O); padding rows: delta = 0, P = 0 */
         float acc = 0.0f;
-        if (i < n)
-            for (int j = 0; j < D; j++)
-                acc += bf2f(job->dout[((size_t)t * job->H + h) * D + j]) * bf2f(job->o[((size_t)t * job->H + h) * D + j]);
+        if (i < n) {
+            const bf16 *o = job->o + ((size_t)(t0 + i) * job->H + h) * D;
+            for (int j = 0; j < D; j++) acc += bf2f(sc->dO[i * D + j]) * bf2f(o[j]);
+        }
         sc->delta[i] = acc;
-        sc->lse[i] = i < n ? job->lse[(size_t)h * job->T + t] : INFINITY; /* padding rows: P = 0 */
+        sc->lse[i] = i < n ? job->lse[(size_t)h * job->T + t0 + i] : INFINITY;
     }
     memset(sc->dQ, 0, (size_t)np * D * 4);
     for (int jb = 0; jb < np / B; jb++) {

@@ -17,7 +17,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 from functools import cache
@@ -26,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from desktune.constants import CPU_ATTENTION_ENV
 from desktune.constants import CPU_ATTENTION_HEAD_DIM as HEAD_DIM
-from desktune.hardware import cpu_attention_kernel_possible
+from desktune.hardware import c_compiler, cpu_attention_kernel_possible, cpu_attention_switched_off
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """The kernel handles this call: CPU bf16, head_dim 64, whole groups of query heads, the kernel built."""
     return (query.device.type == "cpu" and all(t.dtype == torch.bfloat16 for t in (query, key, value))
             and query.shape[-1] == HEAD_DIM and query.shape[1] % key.shape[1] == 0
-            and os.environ.get(CPU_ATTENTION_ENV, "1") != "0" and library() is not None)
+            and not cpu_attention_switched_off() and library() is not None)
 
 
 def cache_dir() -> Path:
@@ -66,7 +64,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _compile(source: bytes, target: Path) -> bool:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if compiler is None:
         log.info("no C compiler found: bf16 attention on the CPU runs through PyTorch's SDPA in fp32")
         return False
