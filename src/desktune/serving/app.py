@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from desktune.constants import VERSION
 from desktune.serving import sse
-from desktune.serving.errors import ERROR_RESPONSES, ApiError, install_handlers
+from desktune.serving.errors import ERROR_RESPONSES, ApiError, excerpt, install_handlers
 from desktune.serving.generation import Params, generate
-from desktune.serving.guard import Guard
+from desktune.serving.guard import Guard, StrictJSONRoute
 from desktune.serving.prompts import chat_prompt, completion_prompt
 from desktune.serving.registry import Registry, Served
 from desktune.serving.schemas import (
@@ -57,7 +61,7 @@ class Slots:
     def take(self) -> Any:
         """A release-once callable for a free slot, or ApiError 429."""
         if not self._free.acquire(blocking=False):
-            raise ApiError(429, "too many generations in flight; retry shortly")
+            raise ApiError(429, "too many generations in flight; retry shortly", headers={"Retry-After": "1"})
         done = threading.Event()
 
         def release() -> None:
@@ -80,7 +84,7 @@ class Context:
 def _served(ctx: Context, name: str) -> Served:
     served = ctx.registry.get(name)
     if served is None:
-        raise ApiError(404, f"model {name!r} not found; GET /v1/models lists {', '.join(ctx.registry.served)}",
+        raise ApiError(404, f"model {excerpt(name)} not found; GET /v1/models lists {', '.join(ctx.registry.served)}",
                        code="model_not_found", param="model")
     return served
 
@@ -94,11 +98,12 @@ def _params(ctx: Context, req: ChatRequest | CompletionRequest, prompt: list[int
         raise ApiError(413, f"the prompt is {len(prompt)} tokens; this server takes at most {prompt_limit}",
                        code="prompt_too_long")
     if asked is not None and asked > lim.max_tokens:
-        raise ApiError(400, f"max_tokens is {asked}; this server allows at most {lim.max_tokens}",
+        shown = asked if asked < 10**12 else f"a {len(str(asked))}-digit number"
+        raise ApiError(400, f"max_tokens is {shown}; this server allows at most {lim.max_tokens}",
                        code="max_tokens_too_large", param="max_tokens")
     room = context - len(prompt) if context else lim.max_tokens
     if room < 1 or (asked is not None and asked > room):
-        raise ApiError(400, f"the prompt ({len(prompt)} tokens) and max_tokens ({asked}) exceed the model's "
+        raise ApiError(400, f"the prompt ({len(prompt)} tokens) and max_tokens ({asked or 1}) exceed the model's "
                        f"context of {context} tokens", code="context_length_exceeded", param="max_tokens")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     seed = req.seed if req.seed is not None else secrets.randbits(63) if req.temperature > 0 else 0
@@ -111,18 +116,18 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-def chat_completions(ctx: Context, req: ChatRequest) -> ChatCompletion | StreamingResponse:
-    """POST /v1/chat/completions."""
+def chat_completions(ctx: Context, req: ChatRequest, cancel: threading.Event) -> ChatCompletion | StreamingResponse:
+    """POST /v1/chat/completions; setting `cancel` stops the generation."""
     served = _served(ctx, req.model)
     prompt = chat_prompt(ctx.registry.tokenizer, req.messages, served.chat_template)
     params = _params(ctx, req, prompt, req.max_completion_tokens or req.max_tokens, strip=True)
     release, rid = ctx.slots.take(), f"chatcmpl-{secrets.token_hex(12)}"
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = sse.chat_events(ctx.registry, served, prompt, params, rid=rid, usage=usage)
-        return sse.response(events, release)
+        events = sse.chat_events(ctx.registry, served, prompt, params, rid=rid, usage=usage, cancel=cancel)
+        return sse.response(events, release, cancel)
     try:
-        out = generate(ctx.registry, served, prompt, params)
+        out = generate(ctx.registry, served, prompt, params, cancel=cancel)
     finally:
         release()
     choice = ChatChoice(index=0, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
@@ -130,23 +135,42 @@ def chat_completions(ctx: Context, req: ChatRequest) -> ChatCompletion | Streami
                           usage=_usage(out.prompt_tokens, out.completion_tokens))
 
 
-def completions(ctx: Context, req: CompletionRequest) -> Completion | StreamingResponse:
-    """POST /v1/completions."""
+def completions(ctx: Context, req: CompletionRequest, cancel: threading.Event) -> Completion | StreamingResponse:
+    """POST /v1/completions; setting `cancel` stops the generation."""
     served = _served(ctx, req.model)
     prompt = completion_prompt(ctx.registry.tokenizer, req.prompt)
     params = _params(ctx, req, prompt, req.max_tokens, strip=False)
     release, rid = ctx.slots.take(), f"cmpl-{secrets.token_hex(12)}"
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse.response(sse.completion_events(ctx.registry, served, prompt, params, rid=rid, usage=usage),
-                            release)
+        events = sse.completion_events(ctx.registry, served, prompt, params, rid=rid, usage=usage, cancel=cancel)
+        return sse.response(events, release, cancel)
     try:
-        out = generate(ctx.registry, served, prompt, params)
+        out = generate(ctx.registry, served, prompt, params, cancel=cancel)
     finally:
         release()
     choice = CompletionChoice(index=0, text=out.text, finish_reason=out.finish_reason)
     return Completion(id=rid, created=int(time.time()), model=served.name, choices=[choice],
                       usage=_usage(out.prompt_tokens, out.completion_tokens))
+
+
+async def _until_gone(request: Request, cancel: threading.Event) -> None:
+    """Set `cancel` when the client disconnects."""
+    with contextlib.suppress(Exception):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        cancel.set()
+
+
+async def _answer(request: Request, work: Callable[[threading.Event], Any]) -> Any:
+    """`work(cancel)` in a worker thread, `cancel` set if the client leaves first: a timed-out client's answer
+    stops at its next token instead of holding the model for all of max_tokens (a stream watches on its own)."""
+    cancel = threading.Event()
+    watcher = asyncio.ensure_future(_until_gone(request, cancel))  # asyncio: uvicorn's loop
+    try:
+        return await run_in_threadpool(work, cancel)
+    finally:
+        watcher.cancel()
 
 
 def _this_server(spec: dict[str, Any], names: list[str], max_tokens: int) -> None:
@@ -192,6 +216,7 @@ def create_app(registry: Registry, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="desktune", version=VERSION, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API for a base model and its LoRA adapters.")
     ctx = Context(registry, settings, Slots(settings.limits.max_concurrent))
+    app.router.route_class = StrictJSONRoute
     install_handlers(app)
     app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.limits.max_body_bytes)
     app.state.context = ctx
@@ -199,13 +224,13 @@ def create_app(registry: Registry, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={**ERROR_RESPONSES, **_stream_doc(ChatCompletionChunk)})
-    def _chat(req: ChatRequest) -> Any:
-        return chat_completions(ctx, req)
+    async def _chat(req: ChatRequest, request: Request) -> Any:
+        return await _answer(request, lambda cancel: chat_completions(ctx, req, cancel))
 
     @app.post("/v1/completions", response_model=Completion,
               responses={**ERROR_RESPONSES, **_stream_doc(CompletionChunk)})
-    def _complete(req: CompletionRequest) -> Any:
-        return completions(ctx, req)
+    async def _complete(req: CompletionRequest, request: Request) -> Any:
+        return await _answer(request, lambda cancel: completions(ctx, req, cancel))
 
     model_errors = {k: ERROR_RESPONSES[k] for k in (401, 404, 500)}
 

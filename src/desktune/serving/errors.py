@@ -23,10 +23,17 @@ _CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405:
 class ApiError(Exception):
     """An error a request caused, answered with `status` and an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
         self.code = code or _CODES.get(status, "error")
+
+
+def excerpt(value: object, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters: an error message never echoes a whole request."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text)} characters)"
 
 
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -41,6 +48,16 @@ def error_response(status: int, message: str, *, code: str | None = None, param:
     return JSONResponse(error_body(status, message, code=code, param=param), status_code=status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}  # pydantic names a union's member in the error's path
+
+
+def _field(loc: tuple[Any, ...]) -> str | None:
+    """The dotted path of a request field, without "body" and the union members pydantic adds to it."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
+        p in _UNION_TAGS or "[" in p or p.startswith("constrained-")))]
+    return ".".join(parts) or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
     """The first problem of a request body: message, the field's dotted path, code."""
     errors = exc.errors()
@@ -48,13 +65,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
         return "invalid request", None, "invalid_request"
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None, "invalid_json"
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+        detail = (first.get("ctx") or {}).get("error")
+        return f"the request body is not valid JSON{f': {detail}' if detail else ''}", None, "invalid_json"
+    param = _field(tuple(first.get("loc", ())))
+    if param is None:  # the body as a whole: missing, or not an object
+        problem = "empty" if first.get("type") == "missing" else "not a JSON object"
+        return (f"the request body is {problem}; send a JSON object with Content-Type: application/json",
+                None, "invalid_request")
     if first.get("type") == "extra_forbidden":
         return f"unsupported parameter: {param}", param, "unsupported_parameter"
-    return (f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request")),
-            param, "invalid_request")
+    return f"{param}: {first.get('msg', 'invalid')}", param, "invalid_request"
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -67,7 +87,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, code=exc.code, param=exc.param)
+        return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers)
 
     @app.exception_handler(DesktuneError)
     async def _user(_: Request, exc: DesktuneError) -> JSONResponse:

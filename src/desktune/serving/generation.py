@@ -137,8 +137,9 @@ def generate(registry: Registry, served: Served, prompt: list[int], params: Para
     ids = torch.tensor([prompt], device=registry.device)
     kwargs = _kwargs(params, served, registry.tokenizer)
     with registry.using(served) as model, private_rng(params.seed, registry.device):
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_Feed(on_ids),
-                       stopping_criteria=StoppingCriteriaList([_Stop(cancel)]), **kwargs)
+        if not cancel.is_set():  # the client may have left while this waited for the model
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_Feed(on_ids),
+                           stopping_criteria=StoppingCriteriaList([_Stop(cancel)]), **kwargs)
     rest = text.finish()
     if rest and on_text is not None:
         on_text(rest)
@@ -146,10 +147,12 @@ def generate(registry: Registry, served: Served, prompt: list[int], params: Para
     return Outcome(text.text, len(prompt), len(text.ids), "stop" if ended else "length")
 
 
-def stream(registry: Registry, served: Served, prompt: list[int], params: Params) -> Iterator[str | Outcome]:
-    """Text deltas as they are made, then the Outcome; closing the iterator early stops the generation."""
+def stream(registry: Registry, served: Served, prompt: list[int], params: Params,
+           cancel: threading.Event | None = None) -> Iterator[str | Outcome]:
+    """Text deltas as they are made, then the Outcome; setting `cancel` or closing the iterator early stops the
+    generation at its next token."""
     items: queue.Queue[str | Outcome | BaseException] = queue.Queue()
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()
 
     def work() -> None:
         try:

@@ -1,10 +1,18 @@
-"""Before any route runs: the API key (constant-time compare) and the body-size limit, as plain ASGI."""
+"""Before any route runs: the API key (constant-time compare) and the body-size limit, as plain ASGI; then
+the body read as strict JSON (a route class)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic_core import from_json
 
 from desktune.serving.errors import error_response
 
@@ -77,3 +85,35 @@ def _replay(body: bytes, receive: Any) -> Any:
         return await receive()
 
     return again
+
+
+_CONSTANT = re.compile(rb"[:,\[]\s*-?(NaN|Infinity)\b")
+
+
+def strict_json(body: bytes) -> Any:
+    """The body as RFC 8259 JSON (pydantic's parser): Python's json also takes NaN, Infinity and lone surrogates,
+    which no JSON client sends and which reach the model as nonsense. Any failure is a JSONDecodeError."""
+    try:
+        return from_json(body, allow_inf_nan=False)
+    except ValueError as e:
+        hint = " (JSON has no NaN or Infinity)" if _CONSTANT.search(body) else ""
+        raise json.JSONDecodeError(f"{e}{hint}", body.decode("utf-8", "replace"), 0) from e
+
+
+class _StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """A route whose JSON body is read by `strict_json` (FastAPI's documented custom-request hook)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict

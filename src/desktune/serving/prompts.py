@@ -36,7 +36,11 @@ def completion_prompt(tokenizer: Any, prompt: str | list[str]) -> list[int]:
     """A raw prompt's token ids (the tokenizer's own special tokens, such as BOS, included)."""
     if isinstance(prompt, list):  # one prompt: the schema allows no more
         prompt = prompt[0]
-    ids = list(tokenizer(prompt)["input_ids"])
+    try:
+        ids = list(tokenizer(prompt)["input_ids"])
+    except (TypeError, ValueError) as e:  # text the tokenizer cannot take (lone surrogates when not strict JSON)
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ApiError(400, f"the tokenizer refused the prompt: {detail}", param="prompt") from e
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt")
     return [int(i) for i in ids]

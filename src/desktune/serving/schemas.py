@@ -11,9 +11,10 @@ StopText = Annotated[str, Field(min_length=1)]
 
 
 class _Strict(BaseModel):
-    """Unknown fields are refused by name rather than silently ignored."""
+    """Unknown fields are refused by name rather than silently ignored; no type is coerced ("5" is not 5, "yes"
+    not true) and numbers are finite (1e400 reads as infinity)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Strict):

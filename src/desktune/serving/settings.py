@@ -21,7 +21,8 @@ class Limits:
     max_tokens: int = 1024  # the most tokens one answer may ask for
     max_prompt_tokens: int | None = None  # None: the model's context length
     max_body_bytes: int = 1 << 20
-    max_concurrent: int = 4  # generating or waiting for the model; beyond that 429
+    # generating or waiting for the model, beyond that 429; each waiting one holds one of anyio's 40 threads
+    max_concurrent: int = 32
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from desktune.serving.errors import error_body
 from desktune.serving.generation import Outcome, Params, stream
@@ -25,9 +27,10 @@ def _usage(out: Outcome) -> dict[str, int]:
 
 
 def _events(registry: Registry, served: Served, prompt: list[int], params: Params, *, usage: bool,
-            head: Callable[[], Event], choice: Callable[[str | None, str | None], Event]) -> Iterator[Event]:
+            head: Callable[[], Event], choice: Callable[[str | None, str | None], Event],
+            cancel: threading.Event) -> Iterator[Event]:
     """The chunks of one streamed answer: `choice(text, finish_reason)` per delta and at the end."""
-    for item in stream(registry, served, prompt, params):
+    for item in stream(registry, served, prompt, params, cancel):
         if isinstance(item, Outcome):
             yield {**head(), "choices": [choice(None, item.finish_reason)]}
             if usage:
@@ -37,7 +40,7 @@ def _events(registry: Registry, served: Served, prompt: list[int], params: Param
 
 
 def chat_events(registry: Registry, served: Served, prompt: list[int], params: Params, *, rid: str,
-                usage: bool) -> Iterator[Event]:
+                usage: bool, cancel: threading.Event) -> Iterator[Event]:
     """chat.completion.chunk events: the role first, then content deltas, then the finish reason."""
     created = int(time.time())
 
@@ -50,11 +53,11 @@ def chat_events(registry: Registry, served: Served, prompt: list[int], params: P
 
     yield {**head(), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}]}
-    yield from _events(registry, served, prompt, params, usage=usage, head=head, choice=choice)
+    yield from _events(registry, served, prompt, params, usage=usage, head=head, choice=choice, cancel=cancel)
 
 
 def completion_events(registry: Registry, served: Served, prompt: list[int], params: Params, *, rid: str,
-                      usage: bool) -> Iterator[Event]:
+                      usage: bool, cancel: threading.Event) -> Iterator[Event]:
     """text_completion events: text deltas, then the finish reason."""
     created = int(time.time())
 
@@ -64,7 +67,7 @@ def completion_events(registry: Registry, served: Served, prompt: list[int], par
     def choice(text: str | None, finish: str | None) -> Event:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    yield from _events(registry, served, prompt, params, usage=usage, head=head, choice=choice)
+    yield from _events(registry, served, prompt, params, usage=usage, head=head, choice=choice, cancel=cancel)
 
 
 def _lines(events: Iterator[Event], release: Callable[[], None]) -> Iterator[str]:
@@ -80,8 +83,34 @@ def _lines(events: Iterator[Event], release: Callable[[], None]) -> Iterator[str
     yield "data: [DONE]\n\n"
 
 
-def response(events: Iterator[Event], release: Callable[[], None]) -> StreamingResponse:
-    """The streaming response; its slot is released when the stream ends or the client leaves."""
-    return StreamingResponse(_lines(events, release), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(release))
+class _Stream(StreamingResponse):
+    """A streamed answer that stops its generation and frees its slot when it ends or the client leaves. Told at
+    the disconnect itself: starlette acts on it only after the worker thread's wait for the next text returns,
+    which a held-back stop string or a run of special tokens can make last all of max_tokens."""
+
+    def __init__(self, lines: Iterator[str], stop: Callable[[], None]) -> None:
+        super().__init__(lines, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stop = stop
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        await super().listen_for_disconnect(receive)
+        self._stop()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # ASGI 2.4 servers: the client left mid-answer; nobody to tell
+            pass
+        finally:
+            self._stop()
+
+
+def response(events: Iterator[Event], release: Callable[[], None], cancel: threading.Event) -> StreamingResponse:
+    """The streaming response; setting `cancel` stops its generation, its slot is released once."""
+
+    def stop() -> None:
+        cancel.set()
+        release()
+
+    return _Stream(_lines(events, release), stop)
