@@ -101,6 +101,94 @@ def test_keys_a_resume_may_change_are_declared_on_the_fields():
     assert volatile == {"output_dir", "run_name", "checkpoint.every", "checkpoint.keep_last", "train.threads",
                         "train.eval_every", "train.diagnostics", "train.device", "train.memory_budget",
                         "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing",
-                        "train.distributed", "train.offload_params", "train.collective_timeout_s"}
+                        "train.distributed", "train.offload_params", "train.collective_timeout_s",
+                        "data.bad_rows"}
     fingerprint = config_fingerprint(load_config({"data": {"train": "x.jsonl"}}))
     assert not volatile & fingerprint.keys() and {"train.lr", "lora.r", "data.train"} <= fingerprint.keys()
+
+
+# ---------------------------------------------------------------- hostile YAML: duplicates, alias bombs, size
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path):
+    """`lr: 1e-3` then `lr: 5` trained with 5 before; now the error names the key and both file:lines."""
+    path = _write(tmp_path, "data:\n  train: x.jsonl\ntrain:\n  lr: 1e-3\n  epochs: 1\n  lr: 5\n")
+    with pytest.raises(DesktuneError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"duplicate key 'train.lr' at {path}:4 and again at {path}:6" in msg
+    assert "keep one 'lr' under 'train'" in msg
+    top = _write(tmp_path, "data:\n  train: x.jsonl\nrun_name: a\nrun_name: b\n")
+    with pytest.raises(DesktuneError, match=rf"duplicate key 'run_name' at {top}:3 and again at {top}:4"):
+        load_config(top)
+    with pytest.raises(DesktuneError, match="duplicate key 'a'"):  # an -o value is checked the same way
+        load_config({"data": {"train": "x"}}, ["lora.target_modules={a: 1, a: 2}"])
+    merged = "data:\n  train: x.jsonl\nbase: &b {lr: 1.0e-4, seed: 1}\ntrain:\n  <<: *b\n  seed: 2\n"
+    with pytest.raises(DesktuneError, match="unknown key 'base'"):  # a merge key overridden is no duplicate
+        load_config(_write(tmp_path, merged))
+
+
+def _bomb(width: int, depth: int, leaf: str = "q_proj") -> str:
+    """A YAML flow list whose aliases expand to width**depth leaves, all inside one value (a 'billion laughs')."""
+    levels = [f"&l0 [{', '.join([leaf] * width)}]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, depth)]
+    return f"[{', '.join(levels)}]"
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path: Path):
+    """10^9 names under lora.target_modules grew to 1.78 GB in 60 s with no output: now refused from the parse
+    (counted on YAML's shared nodes, never expanded), with a short message naming where."""
+    path = _write(tmp_path, f"data:\n  train: x.jsonl\nlora:\n  target_modules: {_bomb(10, 9)}\n")
+    with pytest.raises(DesktuneError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "'lora.target_modules[3]' holds more than 10,000 values once its aliases" in msg
+    assert msg.startswith(f"{path}:4:") and len(msg) < 400
+    sixth = _write(tmp_path, f"data:\n  train: x.jsonl\nlora:\n  r: {_bomb(9, 6)}\n")  # 9^6 under a valid key
+    with pytest.raises(DesktuneError, match="once its aliases") as e:
+        load_config(sixth)
+    assert len(str(e.value)) < 500
+    with pytest.raises(DesktuneError, match="once its aliases"):  # an -o value too
+        load_config({"data": {"train": "x"}}, [f"lora.target_modules={_bomb(10, 9)}"])
+    loop = _write(tmp_path, "data:\n  train: &a [x.jsonl, *a]\n")
+    with pytest.raises(DesktuneError, match=r"'data.train' contains itself through an alias"):
+        load_config(loop)
+    fine = _write(tmp_path, f"data:\n  train: x.jsonl\nlora:\n  target_modules: {_bomb(3, 3)}\n")
+    with pytest.raises(DesktuneError, match="Input should be a valid string"):  # small: reaches validation
+        load_config(fine)
+
+
+def test_huge_or_deeply_nested_files_are_refused(tmp_path: Path):
+    big = _write(tmp_path, "data:\n  train: x.jsonl\nrun_name: " + "a" * (1 << 20) + "\n")
+    with pytest.raises(DesktuneError, match=r"larger than 1 MiB; a run config is a few KB"):
+        load_config(big)
+    deep = _write(tmp_path, "data: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(DesktuneError, match="nested too deeply"):
+        load_config(deep)
+
+
+def test_errors_quote_only_a_short_excerpt_of_a_value(tmp_path: Path):
+    """9^6 items under a valid key gave a 681 KB message: a value is quoted in at most 80 characters, and at most
+    5 problems are listed."""
+    bomb: list = ["x"] * 9
+    for _ in range(5):
+        bomb = [bomb] * 9  # 9^6 items, shared lists as YAML aliases build them
+    with pytest.raises(DesktuneError) as e:
+        load_config({"data": {"train": "x"}, "lora": {"r": bomb}})
+    msg = str(e.value)
+    assert "'lora.r': Input should be a valid integer (got [[[...]" in msg and len(msg) < 500
+    with pytest.raises(DesktuneError) as e:
+        load_config({"data": {"train": "x"}, "train": {"time_budget": "9" * 100_000 + "parsecs"}})
+    assert "is not a duration" in str(e.value) and len(str(e.value)) < 700
+    with pytest.raises(DesktuneError) as e:
+        load_config({"data": {"train": "x"}, "lora": {"target_modules": list(range(1000))}})
+    assert "and 996 more problems" in str(e.value) and len(str(e.value)) < 1000
+    with pytest.raises(DesktuneError) as e:
+        load_config({"data": {"train": "x"}, "k" * 100_000: 1})
+    assert "unknown key 'kkk" in str(e.value) and len(str(e.value)) < 500

@@ -145,3 +145,17 @@ def test_every_catalog_model_plans(name):
         plan = estimate(_inputs(name, **kw))
         assert plan.total > plan["base weights"] > 0
         assert plan["activations"] > 0 and plan["adapter weights"] > 0
+
+
+def test_a_16bit_base_that_does_not_fit_is_offered_qlora_with_its_peak():
+    """8B in bf16 at seq 2048 x 4 on 24 GB: no single change with the 16-bit base listed 4-bit loading before (nf4
+    alone does not fit); now QLoRA with the least disruptive change that fits beside it is among the options."""
+    from desktune.memory.estimate import QLORA
+
+    inputs = _inputs(seq_len=2048, micro_batch=4, grad_accum=1, lora_targets="all-linear")
+    budget = 24 * 10**9
+    assert estimate(inputs.with_(quant="nf4")).total > budget  # nf4 alone: not a single change that fits
+    qlora = [(desc, plan) for desc, plan in suggestions(inputs, budget) if desc.startswith(QLORA)]
+    assert len(qlora) == 1 and qlora[0][1].inputs.quant == "nf4" and qlora[0][1].total <= budget
+    assert "micro_batch_size 1" in qlora[0][0]
+    assert not [d for d, _ in suggestions(inputs.with_(quant="nf4"), 12 * 2**30) if QLORA in d]  # already 4-bit

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def test_train_fits_micro_batch_to_the_budget_keeping_the_effective_batch(tiny_m
     big = plan_run(cfg, "cpu", 4)[1].total
     assert small < big
     budget = (small + big) // 2
-    result = train(load_config(raw, [f"train.memory_budget={budget}"]), quiet=True)
+    result = train(load_config(raw, [f"train.memory_budget={budget}B"]), quiet=True)
     fitted = load_config(result.run_dir / "config.yaml").train
     assert fitted.micro_batch_size < 4 and fitted.micro_batch_size * fitted.grad_accum == 4
     events = [r for r in records_of(read_records(result.run_dir / "metrics.jsonl"), EventRecord)
@@ -139,3 +140,44 @@ def test_on_the_cpu_an_unset_budget_fits_nothing(tiny_model_dir, tmp_path, monke
     monkeypatch.setattr(hardware, "free_memory", lambda device: 1)
     cfg = load_config(tiny_config(tiny_model_dir, tmp_path))
     assert fit_to_budget(cfg, Hardware(device=torch.device("cpu"), dtype=torch.float32)) == (cfg, None)
+
+
+# ------------------------------------------------------------- sizes: one parser for --budget and train.memory_budget
+
+
+@pytest.mark.parametrize(("text", "size"), [("24GB", 24 * 10**9), ("24 gb", 24 * 10**9), ("24GiB", 24 * 2**30),
+                                            ("24G", 24 * 2**30), ("1.5GiB", 3 * 2**29), ("512MB", 512 * 10**6),
+                                            ("10KB", 10_000), ("2.4e1GB", 24 * 10**9), ("4096B", 4096)])
+def test_sizes_mean_what_the_readme_says(text, size):
+    from desktune.units import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(("text", "said"), [("24", "'24' has no unit: 24GB is 24 x 10^9 bytes, 24GiB (or 24G)"),
+                                            ("abc", "'abc' is not a size"), ("-5GB", "not a positive size"),
+                                            ("0GB", "not a positive size"), ("1e9TB", "more than 1 PiB"),
+                                            ("5XB", "unknown unit 'XB'"), ("", "is not a size"),
+                                            ("9" * 10_000 + "GB", "is not a size")])
+def test_a_size_without_a_unit_or_out_of_range_is_refused(text, said):
+    from desktune.memory.budget import budget_bytes
+
+    with pytest.raises(DesktuneError) as e:
+        budget_bytes(text, "cuda")
+    assert said in str(e.value) and str(e.value).startswith("--budget: ") and len(str(e.value)) < 400
+    with pytest.raises(DesktuneError, match=r"'train\.memory_budget': .*" + re.escape(said)):  # the same in a config
+        load_config({"data": {"train": "x"}, "train": {"memory_budget": int(text) if text == "24" else text}})
+
+
+def test_budget_units_in_the_plan():
+    """24GB is 22.4 GiB, 24GiB and 24G are 24.0 GiB (before: a bare 24 was 24 bytes and advised seq_len 0)."""
+    args = ("--model", "llama-3.1-8b", "--seq-len", "2048", "--budget")
+    assert "22.4 GiB available" in _plan(*args, "24GB")
+    assert "24.0 GiB available" in _plan(*args, "24GiB") and "24.0 GiB available" in _plan(*args, "24G")
+
+
+def test_an_8b_base_that_does_not_fit_24gb_is_offered_qlora():
+    text = _plan("--model", "llama-3.1-8b", "--seq-len", "2048", "--budget", "24GB")
+    row = next(line for line in text.splitlines() if "4-bit base, QLoRA (model.quant: nf4)" in line)
+    peak = float(re.search(r"([0-9.]+) GiB", row.split("(model.quant: nf4)")[1]).group(1))
+    assert 0 < peak < 22.4

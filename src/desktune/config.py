@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from desktune.constants import EMBEDDED_MODEL
 from desktune.errors import DesktuneError
+from desktune.units import parse_size  # re-exported: the one parser of sizes lives in units
 
 # Field metadata of the keys a resumed run may change without changing what it computes: where it writes,
 # how samples split into micro-batches (the loss is normalised per step), checkpointing, threads and budget.
@@ -71,8 +73,15 @@ class DataConfig(_Strict):
 
     train: str = Field(..., description="Training data: .jsonl, .json, .csv, .parquet or a saved HF dataset folder.")
     val: str | None = Field(None, description="Validation data file; overrides val_fraction.")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of train held out for validation.")
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = Field(
+        "auto", description="Share of train held out for validation (seeded by train.seed); auto: 5% of the "
+        "samples, 8 to 100, when there are at least 40 (else none), recorded in the run's config; 0: none.")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="A row that cannot be read, converted or rendered (invalid JSON, a missing field, an "
+        "empty message, ...): error stops with its file:line; skip leaves it out, counted and named in a note (an "
+        "error still when no row is left). A resume may change it: the data file's hash is checked, so it "
+        "either skips nothing or stops.", json_schema_extra=RESUME_MAY_CHANGE)
     max_seq_len: int = Field(1024, gt=0, description="Longer samples are truncated (and counted in the log).")
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Loss on assistant/completion tokens only, or on every token."
@@ -110,7 +119,11 @@ class TrainConfig(_Strict):
         "auto", description="Peak learning rate; auto: from the base's size and the method (docs/defaults.md).")
     time_budget: str | None = Field(
         None, description="Train for at most this long (90s, 6m, 2h): the step count is fixed from the first "
-        "steps' measured time, and the schedule completes at the end.")
+        "steps' measured time, and the schedule completes at the end. The clock starts with the run: loading, "
+        "the replay answers, validations and saving count.")
+    short_budget: Literal["refuse", "train"] = Field(
+        "refuse", description="When train.time_budget fits too few steps to teach anything: refuse (say so before "
+        "training, with the shortest budget that would) or train anyway.")
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -208,15 +221,13 @@ class TrainConfig(_Strict):
         return self.micro_batch_size * self.grad_accum
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
 _SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
 def parse_duration(text: str) -> float:
     """'90s' -> 90, '6m' -> 360, '2h' -> 7200, '1h30m' -> 5400 seconds."""
+    if len(text) > 40:  # the patterns below backtrack in quadratic time on a long run of digits
+        raise ValueError(f"'{_clip(text, 40)}' is not a duration (examples: 90s, 6m, 2h, 1h30m)")
     if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text):  # a bare number is seconds
         text = f"{text.strip()}s"
     parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([a-z]+)", text.strip().lower())
@@ -227,16 +238,6 @@ def parse_duration(text: str) -> float:
     if seconds <= 0:
         raise ValueError(f"'{text}' is not a positive duration")
     return seconds
-
-
-def parse_size(text: str | int | float) -> int:
-    """'24GB' -> 24e9 bytes, '8GiB' / '8G' -> 8 * 2**30; a bare number is bytes."""
-    if isinstance(text, int | float):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"'{text}' is not a size (examples: 24GB, 8GiB, 512MB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 class CheckpointConfig(_Strict):
@@ -336,6 +337,20 @@ _UNION_TAGS = {"constrained-float", "constrained-int", "float", "int", "str", "b
 # what to set instead, for keys whose valid values their default alone does not show
 _VALUE_FIXES = {"lora.target_modules": "a list of the layers to adapt (such as q_proj, v_proj), or to 'all-linear' "
                                        "(the default: every linear layer but the output head)"}
+_SHOWN_PROBLEMS = 5  # an error lists at most this many problems, then how many more
+_EXCERPT = reprlib.Repr()  # the stdlib's bounded repr: never walks all of a huge (or alias-bomb) value
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxtuple, _EXCERPT.maxdict, _EXCERPT.maxset = 2, 4, 4, 4, 4
+_EXCERPT.maxstring = _EXCERPT.maxother = 80
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """Text as an error quotes it: at most `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _excerpt(value: Any) -> str:
+    """A value as an error quotes it: a repr of at most 80 characters, never the whole of a large value."""
+    return _clip(_EXCERPT.repr(value))
 
 
 def _format_validation_error(err: ValidationError, source: str) -> DesktuneError:
@@ -346,7 +361,7 @@ def _format_validation_error(err: ValidationError, source: str) -> DesktuneError
     for e in err.errors():
         # drop pydantic's union-branch tags such as 'list[str]', "literal['all-linear']" or 'constrained-float'
         loc = tuple(str(p) for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS)))
-        dotted = ".".join(loc)
+        dotted = _clip(".".join(loc))
         if dotted in said:  # a union's other branches failed too: the first branch's message says enough
             continue
         said.add(dotted)
@@ -360,7 +375,7 @@ def _format_validation_error(err: ValidationError, source: str) -> DesktuneError
         else:
             got = e.get("input")
             said_msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]  # no "Value error, "
-            lines.append(f"'{dotted}': {said_msg} (got {got!r})")
+            lines.append(f"'{dotted}': {_clip(said_msg, 240)} (got {_excerpt(got)})")
             default = _default_at(loc)
             shown = dotted + (f" (default: {default})" if default is not None else "")
             if dotted in _VALUE_FIXES:
@@ -369,14 +384,16 @@ def _format_validation_error(err: ValidationError, source: str) -> DesktuneError
                 bad_values.append(shown)
     if bad_values:
         what = "a valid value" if len(bad_values) == 1 else "valid values"
-        fixes["value"] = f"set {', '.join(bad_values)} to {what} in the config, or with -o KEY=VALUE"
+        fixes["value"] = f"set {', '.join(bad_values[:_SHOWN_PROBLEMS])} to {what} in the config, or with -o KEY=VALUE"
+    if len(lines) > _SHOWN_PROBLEMS:
+        lines = [*lines[:_SHOWN_PROBLEMS], f"and {len(lines) - _SHOWN_PROBLEMS} more problems"]
     return DesktuneError("; ".join(lines), where=source, fix="; ".join(fixes.values()) or None)
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override's value the way YAML would (numbers, booleans, null, lists)."""
+    """Parse an override's value the way YAML would (numbers, booleans, null, lists), checked as a config is."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text, None)
     except yaml.YAMLError:
         return text
 
@@ -392,7 +409,7 @@ def _not_a_section(value: Any, parts: list[str], item: str) -> DesktuneError:
     section, key = ".".join(parts[:-1]), parts[-1]
     keys = f"'{section}:' then '  {key}: ...' on the next line"
     fix = (f"write the section's keys without '- ' ({keys}), then override it" if isinstance(value, list)
-           else f"replace '{section}: {value}' with a section of keys ({keys}), then override it")
+           else f"replace '{section}: {_clip(str(value))}' with a section of keys ({keys}), then override it")
     return DesktuneError(f"'{section}' is a {_kind(value)} in the config, not a section of keys, so the override "
                          "has nowhere to go", where=f"-o {item}", fix=fix)
 
@@ -425,13 +442,132 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: a run config is a few KB (its data lives in files of their own)
+MAX_CONFIG_VALUES = 10_000  # values once every alias is expanded: a run config holds a few hundred
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (plain data only, no code runs) that checks the parsed document before building it:
+    a key given twice (YAML would keep the last one silently) or aliases that expand past MAX_CONFIG_VALUES
+    (a "billion laughs" bomb) are refused. `source` is the file, None for an -o value."""
+
+    source: str | None = None
+
+    def place(self, mark: yaml.Mark) -> str:
+        """Where a node starts, as an error names it."""
+        return f"{self.source}:{mark.line + 1}" if self.source else f"column {mark.column + 1} of the -o value"
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        paths = _key_paths(node)
+        _refuse_duplicate_keys(self, node, paths)
+        _refuse_alias_bombs(self, node, paths)
+        return super().construct_document(node)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _key_paths(root: yaml.Node) -> dict[int, str]:
+    """The dotted key path where each distinct node first appears (an alias shares its anchor's node)."""
+    paths: dict[int, str] = {}
+    stack = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in paths:
+            continue
+        paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):  # reversed onto the stack: visited in document order
+                name = _clip(str(key.value)) if isinstance(key, yaml.ScalarNode) else "?"
+                stack.append((value, f"{path}.{name}" if path else name))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(node.value))))
+    return paths
+
+
+def _refuse_duplicate_keys(loader: _ConfigLoader, root: yaml.Node, paths: dict[int, str]) -> None:
+    for node in (n for n in _iter_nodes(root) if isinstance(n, yaml.MappingNode)):
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            if (key.tag, key.value) in first:
+                name, section = _clip(str(key.value)), paths[id(node)]
+                dotted, under = (f"{section}.{name}", f" under '{section}'") if section else (name, "")
+                again = loader.place(key.start_mark)
+                raise DesktuneError(f"duplicate key '{dotted}' at {loader.place(first[key.tag, key.value].start_mark)}"
+                                    f" and again at {again} (YAML would keep the last one silently)",
+                                    where=again, fix=f"keep one '{name}'{under} and delete the other")
+            first[key.tag, key.value] = key
+
+
+def _iter_nodes(root: yaml.Node) -> list[yaml.Node]:
+    """Each distinct node of a document once (an alias shares its anchor's node)."""
+    seen: dict[int, yaml.Node] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen[id(node)] = node
+            stack.extend(_children(node))
+    return list(seen.values())
+
+
+def _refuse_alias_bombs(loader: _ConfigLoader, root: yaml.Node, paths: dict[int, str]) -> None:
+    """Count the values of the document with every alias expanded, on the shared nodes (so never expanding it),
+    and refuse past MAX_CONFIG_VALUES or a value that contains itself."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # nodes whose count is in progress: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            open_.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[id(node)] > MAX_CONFIG_VALUES:
+                key = f"'{paths[id(node)]}'" if paths[id(node)] else "the document"
+                raise DesktuneError(
+                    f"{key} holds more than {MAX_CONFIG_VALUES:,} values once its aliases (*name) are expanded; "
+                    "a run config holds a few hundred", where=loader.place(node.start_mark),
+                    fix="write the values out without aliases that repeat lists, or pass the run's own config")
+        elif id(node) in open_:
+            raise DesktuneError(f"'{paths[id(node)]}' contains itself through an alias (*name)",
+                                where=loader.place(node.start_mark), fix="remove the alias inside its own anchor")
+        elif id(node) not in size:
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node))
+
+
+def _load_yaml(text: str, source: str | None) -> Any:
+    """The YAML document in `text`, built by _ConfigLoader (`source`: the file, None for an -o value)."""
+    loader = _ConfigLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise DesktuneError("config file not found", where=str(path), fix="check the path")
     if path.is_dir():
         raise DesktuneError("is a folder, not a YAML config", where=str(path), fix="pass the .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)  # never more: a huge file (or /dev/zero) is refused, not read
+        if len(data) > MAX_CONFIG_BYTES:
+            raise DesktuneError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB; a run config is a few KB",
+                                where=str(path), fix="pass the run's YAML config (data goes in its own file, "
+                                "named by data.train)")
+        raw = _load_yaml(data.decode("utf-8"), str(path))
+    except RecursionError as e:
+        raise DesktuneError("nested too deeply to be a run config", where=str(path),
+                            fix="pass the run's YAML config (sections of keys, a few levels deep)") from e
     except OSError as e:
         raise DesktuneError(f"cannot read the config file: {e.strerror or e}", where=str(path),
                             fix=f"make it readable (chmod u+r {path}), or pass a config you can read") from e

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from desktune.config import RunConfig, parse_size
+from desktune.config import RunConfig
 from desktune.errors import DesktuneError
 from desktune.memory.estimate import (
     CPU_LIBRARY_BYTES,
@@ -20,7 +21,7 @@ from desktune.memory.estimate import (
 )
 from desktune.memory.render import render_plan
 from desktune.memory.source import arch_for_model
-from desktune.units import human_bytes
+from desktune.units import human_bytes, parse_size
 
 if TYPE_CHECKING:
     from desktune.hardware import Hardware
@@ -34,14 +35,19 @@ def effective_budget(setting: str | None, device_type: str) -> str | None:
     return None if setting == "none" else setting
 
 
-def budget_bytes(budget: str, device_type: str) -> int:
-    """'auto' is the device's free memory now; anything else a size such as 24GB.
+def budget_bytes(budget: str, device_type: str, where: str = "--budget") -> int:
+    """'auto' is the device's free memory now; anything else a size such as 24GB (units.parse_size); a size that
+    is not one is a user error naming `where` (the flag or the config key it came from).
 
     The free memory is read after this process made its CUDA context, or imported its libraries on the CPU; the
     plan counts those too (CUDA_CONTEXT_BYTES, CPU_LIBRARY_BYTES), so they are added back, not subtracted twice.
     """
-    if budget != "auto":
-        return parse_size(budget)
+    if budget.strip().lower() != "auto":
+        try:
+            return parse_size(budget)
+        except ValueError as e:
+            raise DesktuneError(str(e), where=where, fix="give the memory with its unit, such as 24GB or 24GiB, "
+                                "or auto (the free memory now)") from e
     import torch
 
     from desktune.hardware import free_memory
@@ -81,7 +87,7 @@ def fit_to_budget(cfg: RunConfig, hw: Hardware, nproc: int = 1) -> tuple[RunConf
         raise DesktuneError("the memory planner does not model train.offload_activations, so it cannot fit this "
                             "run to a budget", where="train.memory_budget",
                             fix="set train.memory_budget: none, or turn off train.offload_activations")
-    budget = budget_bytes(setting, hw.device.type)
+    budget = budget_bytes(setting, hw.device.type, where="train.memory_budget")
     inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize, nproc, hw.cpu_attention_kernel)
     if plan.total <= budget:
         return cfg, f"memory plan: {human_bytes(plan.total)} of {human_bytes(budget)} budget; settings kept"
@@ -104,3 +110,44 @@ def fit_to_budget(cfg: RunConfig, hw: Hardware, nproc: int = 1) -> tuple[RunConf
     return fitted, (f"memory plan: {human_bytes(plan.total)} did not fit {human_bytes(budget)}; using micro-batch "
                     f"{micro} x accumulation {accum}" + (f", gradient checkpointing ({ckpt})" if ckpt else "")
                     + f" (predicted {human_bytes(total)}, same effective batch {effective})")
+
+
+def machine_bytes(hw: Hardware) -> int:
+    """All the memory of the device a run trains on: the GPU's, or the machine's RAM for the CPU (and MPS)."""
+    if hw.device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(hw.device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def refuse_beyond_machine(cfg: RunConfig, hw: Hardware, nproc: int = 1) -> None:
+    """Without a budget to fit (the CPU's default), a run whose plan exceeds all of the device's memory is refused
+    before anything loads, with the plan and the smallest change that fits (it would end in the allocator)."""
+    if cfg.train.memory_budget == "none":
+        return
+    try:
+        inputs, plan = plan_run(cfg, hw.device.type, hw.dtype.itemsize, nproc, hw.cpu_attention_kernel)
+    except Exception:  # an architecture the planner cannot read is not the user's error here
+        return
+    total = machine_bytes(hw)
+    if plan.total <= total:
+        return
+    options = [*suggestions(inputs, total), *_smaller_rank(inputs, total)]
+    smallest = f"smallest change that fits: {options[0][0]}" if options else "nothing tried fits this machine"
+    raise DesktuneError(
+        f"the run needs {human_bytes(plan.total)} but this machine's {hw.device.type} has {human_bytes(total)} in "
+        f"all; {smallest}\n" + rendered(plan, total), where="lora.r" if options and options[0][0].startswith(
+            "lora.r") else "train", fix="apply the change above (`desktune plan CONFIG` shows any setting's plan); "
+        "train.memory_budget: none skips this check")
+
+
+def _smaller_rank(inputs: PlanInputs, total: int) -> list[tuple[str, Plan]]:
+    """The largest power-of-two LoRA rank below the run's that fits, when the rank is what does not fit."""
+    r = 1 << (max(inputs.lora_r, 2) - 1).bit_length() - 1
+    while r >= 1:
+        plan = estimate(inputs.with_(lora_r=r))
+        if plan.total <= total:
+            return [(f"lora.r: {r} (predicted {human_bytes(plan.total)})", plan)]
+        r //= 2
+    return []

@@ -669,6 +669,9 @@ def fit_settings(inputs: PlanInputs, budget_bytes: int,
     return None
 
 
+QLORA = "4-bit base, QLoRA (model.quant: nf4)"
+
+
 def _candidate_changes(inputs: PlanInputs) -> list[tuple[str, PlanInputs]]:
     """Single changes, least disruptive first."""
     out: list[tuple[str, PlanInputs]] = []
@@ -691,7 +694,7 @@ def _candidate_changes(inputs: PlanInputs) -> list[tuple[str, PlanInputs]]:
     if inputs.nproc > 1 and inputs.distributed != "fsdp2":
         out.append(("shard the decoder layers (train.distributed: fsdp2)", inputs.with_(distributed="fsdp2")))
     if inputs.quant != "nf4":
-        out.append(("4-bit base (model.quant: nf4)", inputs.with_(quant="nf4")))
+        out.append((QLORA, inputs.with_(quant="nf4")))
     if inputs.nproc > 1 and not inputs.offload_params:
         also = "train.distributed: fsdp2, " if inputs.distributed != "fsdp2" else ""
         out.append((f"sharded parameters in host memory ({also}train.offload_params: true)",
@@ -705,8 +708,9 @@ def suggestions(inputs: PlanInputs, budget_bytes: int) -> list[tuple[str, Plan]]
     Order: single changes that fit on their own (chunked loss, 8-bit optimizer, smaller micro-batch with more
     accumulation, gradient checkpointing, with several processes fsdp2, 4-bit base, with several processes
     offloaded parameters); when none does, those changes combined in that order
-    until it fits; last, the longest sequence length that fits (with the combination when one was needed).
-    Empty when the step already fits.
+    until it fits; then, for a base not loaded in 4 bits, QLoRA with the least disruptive change that fits
+    beside it, when no option above includes it (the usual fix for a 16-bit base); last, the longest sequence
+    length that fits (with the combination when one was needed). Empty when the step already fits.
     """
     if estimate(inputs).total <= budget_bytes:
         return []
@@ -732,11 +736,26 @@ def suggestions(inputs: PlanInputs, budget_bytes: int) -> list[tuple[str, Plan]]
         plan = estimate(base)
         if plan.total <= budget_bytes:
             out.append((" + ".join(names), plan))
+    qlora = _qlora_option(inputs, budget_bytes) if not any(QLORA in desc for desc, _ in out) else None
+    out += [qlora] if qlora else []
     seq, _ = largest_fitting(base, budget_bytes)
     if 0 < seq < inputs.seq_len:
         out.append((" + ".join([*names, f"shorter sequences (data.max_seq_len: {seq})"]),
                     estimate(base.with_(seq_len=seq))))
     return out
+
+
+def _qlora_option(inputs: PlanInputs, budget_bytes: int) -> tuple[str, Plan] | None:
+    """4-bit loading (QLoRA), alone or with the least disruptive single change that fits beside it; None for a
+    base already in NF4 or when no such pair fits."""
+    if inputs.quant == "nf4":
+        return None
+    nf4 = inputs.with_(quant="nf4")
+    for desc, trial in [("", nf4), *_candidate_changes(nf4)]:
+        plan = estimate(trial)
+        if plan.total <= budget_bytes:
+            return (f"{QLORA} + {desc}" if desc else QLORA), plan
+    return None
 
 
 def _apply_change(current: PlanInputs, original: PlanInputs, changed: PlanInputs) -> PlanInputs:
