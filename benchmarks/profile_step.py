@@ -46,7 +46,7 @@ def prepared_run(args: argparse.Namespace, work: Path):
     chats, _ = facts_task()
     train = work / "train.jsonl"
     train.write_text("".join(json.dumps(c) + "\n" for c in chats))
-    raw = {"data": {"train": str(train), "replay": 0}, "output_dir": str(work / "runs"),
+    raw = {"data": {"train": str(train), "replay": 0, "val_fraction": 0}, "output_dir": str(work / "runs"),
            "model": {"dtype": args.dtype}, "train": {"threads": os.cpu_count()}}
     return setup(load_config(raw, args.overrides), quiet=True)
 

@@ -485,7 +485,8 @@ def desktune_config(spec: dict[str, Any]) -> Any:
         "model": {"name": spec["model_dir"], "quant": spec.get("quant", "none")},
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": QKVO},
         "data": {"train": spec["train_file"], "shuffle": False, "max_seq_len": spec["max_len"],
-                 "train_on": spec.get("train_on", "assistant"), "replay": 0.0},  # no replay samples: same data
+                 "train_on": spec.get("train_on", "assistant"), "replay": 0.0,  # no replay samples: same data
+                 "val_fraction": 0.0},  # no rows held out: every system trains on the same rows
         "train": {"micro_batch_size": MICRO, "grad_accum": ACCUM, "lr": LR, "scheduler": "linear",
                   "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": MAX_GRAD_NORM, "epochs": 1,
                   "seed": SEED, "max_steps": spec.get("max_steps")},

@@ -221,7 +221,7 @@ def _adapter_other_base_generate(c: Ctx) -> tuple[list[str], list[str], str]:
 
 
 def _adapter_other_base_merge(c: Ctx) -> tuple[list[str], list[str], str]:
-    argv = ["merge", str(c.adapter), "-o", str(c.tmp / "merged"), "--model", str(c.other)]
+    argv = ["merge", str(c.adapter), "--output", str(c.tmp / "merged"), "--model", str(c.other)]
     return argv, [f"{c.adapter}: could not load the adapter: its weight shapes do not match this base model"], \
         f"use the base model the adapter was trained on: {c.model}"
 
@@ -229,15 +229,15 @@ def _adapter_other_base_merge(c: Ctx) -> tuple[list[str], list[str], str]:
 def _merge_output_is_a_file(c: Ctx) -> tuple[list[str], list[str], str]:
     out = c.tmp / "merged.safetensors"
     out.write_text("not a folder\n")
-    return (["merge", str(c.adapter), "-o", str(out)], [f"{out}: the output is a file, not a folder"],
-            "choose a new folder with -o")
+    return (["merge", str(c.adapter), "--output", str(out)], [f"{out}: the output is a file, not a folder"],
+            "choose a new folder with --output")
 
 
 def _merge_output_under_a_file(c: Ctx) -> tuple[list[str], list[str], str]:
     blocker = c.tmp / "exports"
     blocker.write_text("a file where a folder should be\n")
     out = blocker / "merged"
-    return (["merge", str(c.adapter), "-o", str(out)], [f"{out}: cannot create the output folder: {blocker} is a file"],
+    return (["merge", str(c.adapter), "--output", str(out)], [f"{out}: cannot create the output folder: {blocker} is a file"],
             "choose a folder in a writable place")
 
 
@@ -252,7 +252,7 @@ def _adapter_truncated(c: Ctx) -> tuple[list[str], list[str], str]:
     adapter = c.adapter_copy()
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    return (["merge", str(adapter), "-o", str(c.tmp / "merged")],
+    return (["merge", str(adapter), "--output", str(c.tmp / "merged")],
             [f"{weights}: could not load the adapter: the weights file is damaged or incomplete, perhaps truncated"],
             "restore the adapter folder")
 
@@ -279,7 +279,7 @@ def _existing_run(c: Ctx) -> tuple[list[str], list[str], str]:
 
 def _config_unreadable(c: Ctx) -> tuple[list[str], list[str], str]:
     cfg = c.config()
-    c.deny(cfg, "read_text")
+    c.deny(cfg, "open")  # the config is read with a bounded Path.open (1 MiB at most)
     return ["train", str(cfg)], [f"{cfg}: cannot read the config file: Permission denied"], f"chmod u+r {cfg}"
 
 
@@ -490,7 +490,7 @@ def _adapter_config_unreadable(c: Ctx) -> tuple[list[str], list[str], str]:
 def _adapter_config_a_list(c: Ctx) -> tuple[list[str], list[str], str]:
     adapter = c.adapter_copy()
     (adapter / "adapter_config.json").write_text('[{"peft_type": "LORA"}]\n')
-    return (["merge", str(adapter), "-o", str(c.tmp / "merged")],
+    return (["merge", str(adapter), "--output", str(c.tmp / "merged")],
             [f"{adapter / 'adapter_config.json'}: not a JSON object (a list)"], "restore the adapter folder")
 
 
@@ -641,3 +641,65 @@ def test_only_an_unterminated_last_line_is_taken_for_a_torn_write(tmp_path, tail
     metrics.write_bytes(good + tail + b"\n")
     with pytest.raises(DesktuneError, match=r"metrics.jsonl:3: line 3 is not a desktune record"):
         read_records(metrics)
+
+
+# ---------------------------------------------------------------- data.bad_rows through the CLI (issue 33, item 13)
+
+
+def test_a_bad_row_stops_the_run_naming_the_switch_that_skips_it(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    from desktune.config import load_config
+    from desktune.runs import RunDir
+    from tests.tiny import write_chat_data
+
+    data = write_chat_data(tmp_path / "chat.jsonl")
+    lines = data.read_text(encoding="utf-8").splitlines()
+    lines[4] = lines[4][:-5]  # a line cut short
+    lines[9] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]})
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ctx = Ctx(tmp=tmp_path, model=tiny_model_dir, other=tiny_model_dir, adapter=tmp_path, monkeypatch=monkeypatch)
+    argv = ctx.data(data)
+    code, _, err = run_main(monkeypatch, capsys, *argv)
+    flat = " ".join(err.split())
+    assert code == 2 and f"{data}:5: invalid JSON on line 5" in flat, err
+    assert "-o data.bad_rows=skip" in flat.split("Fix:", 1)[1] and not (tmp_path / "runs" / "new").exists()
+
+    code, out, err = run_main(monkeypatch, capsys, *argv, "-o", "data.bad_rows=skip")
+    flat = " ".join((out + err).split())
+    assert code == 0, err
+    assert "left out 2 bad row(s) (data.bad_rows=skip):" in flat and "2 bad rows skipped" in flat, err
+    assert "chat.jsonl:5: invalid JSON on line 5" in flat and "chat.jsonl:10: content of message 2 is empty" in flat
+    assert load_config(RunDir(tmp_path / "runs" / "new").config).data.bad_rows == "skip"
+
+
+# ---------------------------------------------------------------- hostile configs and sizes (issue 33, items 4, 5, 8)
+
+
+@pytest.mark.parametrize(("budget", "said"), [("-5GB", "'-5GB' is not a positive size"),
+                                              ("abc", "'abc' is not a size"),
+                                              ("1e9TB", "'1e9TB' is more than 1 PiB"),
+                                              ("24", "'24' has no unit: 24GB is 24 x 10^9 bytes")])
+def test_a_bad_budget_is_one_user_error(budget, said, monkeypatch, capsys):
+    """Before: a traceback and exit 1 (or, for a bare 24, a plan for 24 bytes advising 'seq_len 0')."""
+    code, out, err = run_main(monkeypatch, capsys, "plan", "--model", "llama-3.1-8b", f"--budget={budget}")
+    flat = " ".join(err.split())
+    assert code == 2 and "Traceback" not in out + err, err
+    assert f"error: --budget: {said}" in flat and "Fix: give the memory with its unit, such as 24GB or 24GiB" in flat
+
+
+def test_a_duplicate_key_or_an_alias_bomb_stops_train_before_anything_is_made(monkeypatch, capsys, tmp_path,
+                                                                              tiny_model_dir):
+    ctx = Ctx(tmp=tmp_path, model=tiny_model_dir, other=tiny_model_dir, adapter=tmp_path, monkeypatch=monkeypatch)
+    path = ctx.config(train={"lr": 0.001}, lora={"target_modules": "BOMB"})
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = lines.index("  lr: 0.001") + 1
+    path.write_text("\n".join([*lines[:first], "  lr: 5", *lines[first:]]) + "\n", encoding="utf-8")
+    code, _, err = run_main(monkeypatch, capsys, "train", str(path))
+    flat = " ".join(err.split())
+    assert code == 2 and f"duplicate key 'train.lr' at {path}:{first} and again at {path}:{first + 1}" in flat, err
+    levels = ["&l0 [q_proj, q_proj, q_proj, q_proj, q_proj, q_proj, q_proj, q_proj, q_proj, q_proj]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10^9 names once expanded
+    path.write_text("\n".join(lines).replace("target_modules: BOMB", f"target_modules: [{', '.join(levels)}]"),
+                    encoding="utf-8")
+    code, _, err = run_main(monkeypatch, capsys, "train", str(path))
+    assert code == 2 and "holds more than 10,000 values once its aliases" in err and len(err) < 600, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()

@@ -297,3 +297,85 @@ def test_build_datasets_without_any_template_uses_chatml(tok: Any, tmp_path: Pat
     train, _, stats = build_datasets(cfg, tok, seed=0)
     assert FALLBACK_NOTICE in stats.notes and tok.chat_template == BUILTIN_TEMPLATES["chatml"]
     assert _labelled(tok, train[0]) == ["hi" + IM_END]
+
+
+# ---------------------------------------------------------------- data.bad_rows, a last user turn, the auto split
+
+
+def _lines(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_build_datasets_skips_bad_rows_with_a_note(tok: Any, tmp_path: Path) -> None:
+    lines = [json.dumps(r) for r in ALPACA[:4]]
+    lines[1:1] = ["{broken", json.dumps({"instruction": "x"}), json.dumps({"instruction": "x", "output": " "})]
+    train = _lines(tmp_path / "t.jsonl", lines)
+    with pytest.raises(DesktuneError) as info:
+        build_datasets(DataConfig(train=train), tok, seed=0)
+    assert info.value.where == f"{train}:2" and "-o data.bad_rows=skip" in (info.value.fix or "")
+    got, _, stats = build_datasets(DataConfig(train=train, bad_rows="skip"), tok, seed=0)
+    assert [e.source for e in got] == [f"{train}:{n}" for n in (1, 5, 6, 7)]
+    assert stats.n_skipped == 3 and "3 bad rows skipped" in stats.summary()
+    note = next(n for n in stats.notes if n.startswith("left out 3 bad row(s)"))
+    assert f"{train}:2: invalid JSON" in note and f"{train}:3: missing field 'output'" in note
+    assert f"{train}:4: field 'output' is empty" in note
+
+
+def test_build_datasets_skip_with_no_row_left_is_an_error(tok: Any, tmp_path: Path) -> None:
+    train = _jsonl(tmp_path / "t.jsonl", ALPACA[:2])
+    val = _lines(tmp_path / "v.jsonl", ["{x", json.dumps({"instruction": "x", "output": ""})])
+    with pytest.raises(DesktuneError, match=r"all 2 rows are bad, none is left to use") as info:
+        build_datasets(DataConfig(train=train, val=val, bad_rows="skip"), tok, seed=0)
+    assert info.value.where == val
+
+
+def test_build_datasets_skips_a_row_the_template_cannot_render(tok: Any, tmp_path: Path) -> None:
+    tok.chat_template = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no') }}"
+                         "{% endif %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    rows = [*ALPACA[:3], {"instruction": "forbidden", "output": "x"}]
+    train = _jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DesktuneError, match="the chat template failed") as info:
+        build_datasets(DataConfig(train=train), tok, seed=0)
+    assert info.value.where == f"{train}:4" and "-o data.bad_rows=skip" in (info.value.fix or "")
+    got, _, stats = build_datasets(DataConfig(train=train, bad_rows="skip"), tok, seed=0)
+    assert (len(got), stats.n_skipped) == (3, 1)
+
+
+def test_conversations_ending_on_a_user_turn_are_counted(tok: Any, tmp_path: Path) -> None:
+    user_last = {"messages": [*CHAT, {"role": "user", "content": "and you?"}]}
+    rows = [{"messages": CHAT}, user_last, {"messages": CHAT}, user_last]
+    train = _jsonl(tmp_path / "t.jsonl", rows)
+    _, _, stats = build_datasets(DataConfig(train=train), tok, seed=0)
+    assert stats.n_ends_on_user == 2
+    note = next(n for n in stats.notes if "end on a user turn" in n)
+    assert note.startswith("2 conversation(s) end on a user turn: nothing is trained on it") and \
+        f"rows {train}:2, {train}:4" in note
+    _, _, stats = build_datasets(DataConfig(train=_jsonl(tmp_path / "u.jsonl", rows[:1])), tok, seed=0)
+    assert stats.n_ends_on_user == 0 and not any("user turn" in n for n in stats.notes)
+
+
+def _many(tmp_path: Path, n: int) -> str:
+    return _jsonl(tmp_path / f"t{n}.jsonl", [{"instruction": f"say {i}", "output": f"{i}"} for i in range(n)])
+
+
+def test_auto_validation_split_is_said_and_resolved_and_repeats(tok: Any, tmp_path: Path) -> None:
+    cfg = DataConfig(train=_many(tmp_path, 60))
+    assert cfg.val_fraction == "auto"
+    train, val, stats = build_datasets(cfg, tok, seed=3)
+    assert (len(train), len(val), stats.val_fraction) == (52, 8, 8 / 60)
+    assert any(n.startswith("data.val_fraction auto = 0.133: 8 of 60 samples held out") for n in stats.notes)
+    resolved = stats.resolved(cfg)
+    assert resolved.val_fraction == 8 / 60 and cfg.val_fraction == "auto"
+    for again in (cfg, resolved):  # a resume (the same config, or the one the run recorded) splits the same
+        assert [e.source for e in build_datasets(again, tok, seed=3)[1]] == [e.source for e in val]
+
+
+def test_auto_validation_split_only_when_the_data_allows(tok: Any, tmp_path: Path) -> None:
+    _, val, stats = build_datasets(DataConfig(train=_many(tmp_path, 39)), tok, seed=0)
+    assert val == [] and stats.val_fraction == 0.0 and any("too few to hold some out" in n for n in stats.notes)
+    _, val, stats = build_datasets(DataConfig(train=_many(tmp_path, 60), val_fraction=0), tok, seed=0)
+    assert val == [] and not any("val_fraction" in n for n in stats.notes)
+    cfg = DataConfig(train=_many(tmp_path, 60), val=_jsonl(tmp_path / "v.jsonl", ALPACA[:2]))
+    _, val, stats = build_datasets(cfg, tok, seed=0)
+    assert len(val) == 2 and stats.val_fraction is None and stats.resolved(cfg) == cfg

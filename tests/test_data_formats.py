@@ -241,3 +241,22 @@ def test_arbitrary_rows_convert_or_raise_desktune_error(data: Any, fmt: str) -> 
         assert any(m["role"] == "assistant" for m in sample.messages)
     example, _ = encode_sample(_TOKENIZER, sample, max_seq_len=64)
     assert len(example.input_ids) == len(example.labels) <= 64
+
+
+# ---------------------------------------------------------------- data.bad_rows
+
+
+def test_convert_rows_skips_bad_rows_into_bad_and_keeps_the_rest() -> None:
+    from desktune.data.sources import BadRows
+
+    rows = [_row(d, f"d.csv:row {n}") for n, d in enumerate([{"prompt": "p", "completion": "c"}, {"prompt": "p"},
+                                                             {"prompt": "", "completion": "c"},
+                                                             {"prompt": "q", "completion": "d"}], start=1)]
+    bad = BadRows(skip=True)
+    fmt, samples = convert_rows(rows, "auto", bad)
+    assert fmt == "prompt_completion" and [s.source for s in samples] == ["d.csv:row 1", "d.csv:row 4"]
+    assert [e.where for e in bad.errors] == ["d.csv:row 2", "d.csv:row 3"]
+    assert "d.csv:row 3: field 'prompt' is empty" in (bad.note() or "")
+    with pytest.raises(DesktuneError) as info:
+        convert_rows(rows, "auto", BadRows(skip=False))
+    assert info.value.where == "d.csv:row 2" and (info.value.fix or "").endswith("-o data.bad_rows=skip")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from desktune.data import RawRow, convert_rows, read_rows
 from desktune.data.formats import FORMATS
+from desktune.data.sources import BadRows, error_text
 from desktune.errors import DesktuneError
 
 ROWS = [{"instruction": "say hi", "output": "hi"}, {"instruction": "say bye", "output": "bye"}]
@@ -297,3 +298,72 @@ def test_any_file_content_reads_or_raises_desktune_error(tmp_path: Path, content
         assert e.where and e.where.startswith(str(path)) and e.fix, str(e)
         return
     assert samples and all((s.messages is None) != (s.text is None) for s in samples)
+
+
+# ---------------------------------------------------------------- data.bad_rows
+
+
+_BAD_LINES = "\n".join([json.dumps(ROWS[0]), "{not json", "[1, 2]", '{"a": ' + "[" * 5000, json.dumps(ROWS[1])])
+
+
+def test_bad_rows_skip_leaves_out_each_bad_line_and_names_it(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", _BAD_LINES)
+    bad = BadRows(skip=True)
+    rows = read_rows(path, bad)
+    assert [r.data for r in rows] == ROWS and [r.source for r in rows] == [f"{path}:1", f"{path}:5"]
+    assert [e.where for e in bad.errors] == [f"{path}:{n}" for n in (2, 3, 4)]
+    note = bad.note() or ""
+    assert note.startswith("left out 3 bad row(s) (data.bad_rows=skip): ")
+    assert f"{path}:2: invalid JSON on line 2" in note and f"{path}:3: row is a list, not an object" in note
+    assert f"{path}:4: the JSON is nested too deeply" in note and "Fix:" not in note
+
+
+def test_bad_rows_error_stops_at_the_first_with_the_switch_in_its_fix(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", _BAD_LINES)
+    with pytest.raises(DesktuneError) as info:
+        read_rows(path, BadRows(skip=False))
+    assert str(info.value).splitlines()[0] == str(_error(path)).splitlines()[0]  # the message as without it
+    assert info.value.where == f"{path}:2"
+    assert info.value.fix == "each line must hold one complete JSON object; or leave such rows out: " \
+                             "-o data.bad_rows=skip"
+    assert "bad_rows" not in (_error(path).fix or "")  # not the training data (eval --data): no switch to name
+
+
+def test_bad_rows_skip_in_json_and_csv(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.json", json.dumps([ROWS[0], "text", ROWS[1]]))
+    bad = BadRows(skip=True)
+    assert [r.source for r in read_rows(path, bad)] == [f"{path}:row 1", f"{path}:row 3"]
+    assert [e.where for e in bad.errors] == [f"{path}:row 2"]
+    huge = "a," + "b" * 200_000  # over the csv module's field limit: csv.Error, and the reader goes on after it
+    path = _write(tmp_path / "d.csv", f"instruction,output\nsay hi,hi\nsay, bye,bye\n{huge}\nsay bye,bye\n")
+    bad = BadRows(skip=True)
+    assert [r.data for r in read_rows(path, bad)] == ROWS
+    assert [error_text(e) for e in bad.errors] == ["row has 3 fields but the header has 2 columns",
+                                                   "invalid CSV: field larger than field limit (131072)"]
+    assert [e.where for e in bad.errors] == [f"{path}:row 2", f"{path}:4"]
+
+
+def test_bad_rows_skip_with_every_row_bad_is_still_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", "{oops\n[1]\n")
+    with pytest.raises(DesktuneError) as info:
+        read_rows(path, BadRows(skip=True))
+    assert info.value.where == str(path)
+    assert str(info.value).startswith(f"{path}: all 2 rows are bad, none is left to use (data.bad_rows=skip); "
+                                      f"the first, {path}:1: invalid JSON on line 1")
+    assert info.value.fix == "each line must hold one complete JSON object"
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(content=_CONTENT, suffix=st.sampled_from([".jsonl", ".json", ".csv"]), fmt=st.sampled_from(["auto", *FORMATS]))
+def test_any_file_content_with_bad_rows_skipped_reads_or_raises_desktune_error(tmp_path: Path, content: str | bytes,
+                                                                               suffix: str, fmt: str) -> None:
+    path = _write(tmp_path / f"data{suffix}", content)
+    bad = BadRows(skip=True)
+    try:
+        _, samples = convert_rows(read_rows(path, bad), fmt, bad)
+    except DesktuneError as e:
+        assert e.where and e.where.startswith(str(path)) and e.fix, str(e)
+        return
+    assert all(e.where and e.where.startswith(str(path)) for e in bad.errors)
+    assert all((s.messages is None) != (s.text is None) for s in samples)

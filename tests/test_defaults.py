@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from desktune.config import load_config, parse_duration
 from desktune.data import Example
-from desktune.defaults import auto_epochs, budget_steps, typical_lora_lr
+from desktune.defaults import TIMING_STEPS, auto_epochs, auto_val_fraction, budget_steps, typical_lora_lr
 from desktune.errors import DesktuneError
-from desktune.runs import EventRecord, RunDir, TrainRecord, read_records, records_of
+from desktune.runs import EvalRecord, EventRecord, RunDir, TrainRecord, read_records, records_of
 from desktune.training import budget
 from desktune.training.budget import Refits, fit_steps, mean_step_tokens, within_warmup
 from desktune.training.loop import fit, resolve_auto, setup, train
@@ -163,12 +165,15 @@ def test_a_refit_stretches_a_run_whose_timing_over_estimated(tiny_model_dir, tmp
     result = train(_budget_cfg(tiny_model_dir, tmp_path, "slow", every=None, warmup=0.03), quiet=True)
     first = _events(result.run_dir, "time_budget")[0].data["steps"]
     refit, *later = _events(result.run_dir, "time_budget_refit")
-    assert refit.data["at"] == round(0.1 * first) and refit.data["steps"] > 2 * first
+    assert refit.data["at"] == max(2 * TIMING_STEPS, round(0.1 * first)) and refit.data["steps"] > 1.5 * first
     assert result.steps == (later or [refit])[-1].data["steps"] and len(later) <= 4
     lrs = [r.lr for r in records_of(read_records(RunDir(result.run_dir).metrics), TrainRecord)]
     at = refit.data["at"]
     assert len(lrs) == result.steps and lrs[-1] < 0.01 * max(lrs)  # the rebuilt schedule ran to its end
-    assert lrs[at - 1] == pytest.approx(max(lrs), rel=0.02) and lrs[at] == pytest.approx(max(lrs), rel=0.02)
+    if at == round(0.1 * first):  # early in the first schedule: both still at the peak
+        assert lrs[at - 1] == pytest.approx(max(lrs), rel=0.02) and lrs[at] == pytest.approx(max(lrs), rel=0.02)
+    else:  # a loaded machine timed few steps, so the first refit comes later: the stretched schedule lifts the lr
+        assert lrs[at] > lrs[at - 1]
     print(f"budget 4 s: timed {first} steps, re-fitted to {result.steps}; training {result.wall_s:.2f} s")
     assert result.wall_s < 4.0 * 1.5
 
@@ -210,3 +215,37 @@ def test_a_budgeted_run_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
     a = load_file(str(RunDir(resumed.run_dir).adapter / "adapter_model.safetensors"))
     b = load_file(str(RunDir(plain.run_dir).adapter / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- data.val_fraction: auto
+
+
+@pytest.mark.parametrize(("n", "held"), [(39, 0), (40, 8), (160, 8), (161, 8), (200, 10), (1999, 100),
+                                         (20_000, 100)])
+def test_auto_val_fraction_holds_out_5_percent_from_8_to_100(n, held):
+    from desktune.data import split_samples
+
+    choice = auto_val_fraction(n)
+    assert round(n * choice.value) == held and choice.reason.startswith("data.val_fraction auto = ")
+    assert len(split_samples(list(range(n)), choice.value, seed=0)[1]) == held  # the count the data split makes
+    assert (f"{held} of {n} samples held out" in choice.reason) if held else ("too few" in choice.reason)
+
+
+def test_a_minimal_config_gets_a_validation_split_said_saved_and_resumed(tiny_model_dir, tmp_path, monkeypatch):
+    raw = tiny_config(tiny_model_dir, tmp_path, run_name="split", checkpoint={"every": 2})
+    del raw["data"]["val_fraction"]  # what a minimal config says: nothing about validation
+    chats = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "ahoy " * (1 + i % 24)}]
+             for i in range(48)]  # replies of many lengths: another held-out set has another token count
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    cfg = load_config(raw)
+    run = setup(cfg, quiet=True)
+    assert (len(run.train_set), len(run.val_set)) == (40, 8)
+    assert any(n.startswith("data.val_fraction auto = 0.167: 8 of 48 samples") for n in run.data_stats.notes)
+    assert load_config(RunDir(run.run_dir).config).data.val_fraction == 8 / 48  # the resolved config records it
+    crash_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(run)
+    monkeypatch.undo()
+    resumed = train(cfg, quiet=True, resume=True)  # refused if the config or data fingerprint differed
+    evals = records_of(read_records(RunDir(resumed.run_dir).metrics), EvalRecord)
+    assert resumed.steps == 4 and len(evals) >= 2 and len({e.val_tokens for e in evals}) == 1  # one held-out set

@@ -9,8 +9,9 @@ from typing import Any
 from desktune.config import DataConfig
 from desktune.data.encode import Encoded, Example, encode_samples
 from desktune.data.formats import Sample, convert_rows
-from desktune.data.sources import read_rows
+from desktune.data.sources import BadRows, read_rows, rows_text
 from desktune.data.templates import FALLBACK_NOTICE, own_template, resolve_chat_template
+from desktune.defaults import auto_val_fraction
 from desktune.errors import DesktuneError
 
 
@@ -28,7 +29,16 @@ class DataStats:
     n_val_truncated: int = 0
     n_val_dropped: int = 0
     max_len: int = 0
+    n_skipped: int = 0  # bad rows left out (data.bad_rows=skip), both files
+    n_ends_on_user: int = 0  # conversations whose last turn is the user's, both files
+    val_fraction: float | None = None  # the share held out of data.train (None with a data.val file)
     notes: list[str] = field(default_factory=list)
+
+    def resolved(self, cfg: DataConfig) -> DataConfig:
+        """`cfg` with data.val_fraction: auto replaced by the share held out, for the run's config."""
+        if cfg.val_fraction != "auto" or self.val_fraction is None:
+            return cfg
+        return cfg.model_copy(update={"val_fraction": self.val_fraction})
 
     def summary(self) -> str:
         """One line for the log."""
@@ -42,6 +52,8 @@ class DataStats:
             parts.append(f"{self.n_truncated} truncated to max_seq_len")
         if self.n_dropped:
             parts.append(f"{self.n_dropped} dropped (no trainable token)")
+        if self.n_skipped:
+            parts.append(f"{self.n_skipped} bad rows skipped")
         return ", ".join(parts)
 
 
@@ -56,15 +68,6 @@ def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-SHOWN_ROWS = 5  # rows named in a message; the count says how many more
-
-
-def rows_text(sources: list[str]) -> str:
-    """'a.jsonl:1, a.jsonl:2 and 3 more'."""
-    shown = ", ".join(sources[:SHOWN_ROWS])
-    return shown + (f" and {len(sources) - SHOWN_ROWS} more" if len(sources) > SHOWN_ROWS else "")
-
-
 def _all_dropped(enc: Encoded, what: str, cfg: DataConfig, where: str) -> DesktuneError:
     """Every label masked: nothing to train on (the 'all labels are -100' runs that learn nothing)."""
     return DesktuneError(
@@ -76,42 +79,79 @@ def _all_dropped(enc: Encoded, what: str, cfg: DataConfig, where: str) -> Desktu
     )
 
 
-def _encode(cfg: DataConfig, tokenizer: Any, samples: list[Sample]) -> Encoded:
-    return encode_samples(
-        tokenizer,
-        samples,
-        max_seq_len=cfg.max_seq_len,
-        train_on=cfg.train_on,
-        system_prompt=cfg.system_prompt,
-    )
+def _samples(path: str, cfg: DataConfig, bad: BadRows) -> tuple[str, list[Sample]]:
+    """The converted samples of one data file; the bad rows go to `bad`."""
+    fmt, samples = convert_rows(read_rows(path, bad), cfg.format, bad)
+    if not samples:
+        raise bad.none_left(path)
+    return fmt, samples
+
+
+def _split(cfg: DataConfig, samples: list[Sample], seed: int, notes: list[str]) -> tuple[list[Sample],
+                                                                                        list[Sample], float]:
+    """data.val_fraction (auto: the rule in defaults.py) held out of the training samples."""
+    fraction = cfg.val_fraction
+    if fraction == "auto":
+        choice = auto_val_fraction(len(samples))
+        fraction = choice.value
+        notes.append(choice.reason)
+    train, val = split_samples(samples, fraction, seed)
+    if fraction > 0 and not val:
+        notes.append("val_fraction ignored: fewer than 2 samples")
+    return train, val, fraction
+
+
+def ends_on_user(samples: list[Sample]) -> list[str]:
+    """Where each conversation whose last turn is the user's came from."""
+    return [s.source for s in samples if s.messages and s.messages[-1]["role"] == "user"]
+
+
+def _user_last_note(rows: list[str], train_on: str) -> str | None:
+    """A note on conversations whose last turn is the user's: no reply follows it to train."""
+    if not rows:
+        return None
+    what = ("it is trained as text though no reply follows" if train_on == "all"
+            else "nothing is trained on it (no assistant reply follows)")
+    return (f"{len(rows)} conversation(s) end on a user turn: {what}; rows {rows_text(rows)}. End each "
+            "conversation with the assistant's reply, or remove the last user turn")
+
+
+def _encoded(cfg: DataConfig, tokenizer: Any, samples: list[Sample], bad: BadRows, what: str,
+             where: str) -> Encoded:
+    """The samples tokenized; none left (every label masked, or every row bad) is an error naming the rows."""
+    enc = encode_samples(tokenizer, samples, max_seq_len=cfg.max_seq_len, train_on=cfg.train_on,
+                         system_prompt=cfg.system_prompt, bad=bad)
+    if samples and not enc.examples:
+        raise _all_dropped(enc, what, cfg, where) if enc.dropped else bad.none_left(where)
+    return enc
 
 
 def build_datasets(
     cfg: DataConfig, tokenizer: Any, seed: int
 ) -> tuple[list[Example], list[Example], DataStats]:
-    """Read, convert, split and tokenize the data in `cfg`; raise DesktuneError on any bad input."""
-    fmt, samples = convert_rows(read_rows(cfg.train), cfg.format)
+    """Read, convert, split and tokenize the data in `cfg`; raise DesktuneError on any bad input (a bad row is
+    left out, counted and named in a note, under data.bad_rows=skip)."""
+    bad_train, bad_val = BadRows(cfg.bad_rows == "skip"), BadRows(cfg.bad_rows == "skip")
+    fmt, samples = _samples(cfg.train, cfg, bad_train)
     notes: list[str] = []
+    fraction: float | None = None
     if cfg.val:
-        _, val_samples = convert_rows(read_rows(cfg.val), cfg.format)
+        _, val_samples = _samples(cfg.val, cfg, bad_val)
         train_samples = samples
     else:
-        train_samples, val_samples = split_samples(samples, cfg.val_fraction, seed)
-        if cfg.val_fraction > 0 and not val_samples:
-            notes.append("val_fraction ignored: fewer than 2 samples")
+        train_samples, val_samples, fraction = _split(cfg, samples, seed, notes)
     chats = any(s.messages is not None for s in [*train_samples, *val_samples])
     if chats and own_template(tokenizer) is None:
         resolve_chat_template(tokenizer, None)
         notes.append(FALLBACK_NOTICE)
-    train = _encode(cfg, tokenizer, train_samples)
-    if not train.examples:
-        raise _all_dropped(train, "training", cfg, cfg.train)
-    val = _encode(cfg, tokenizer, val_samples)
-    if val_samples and not val.examples:
-        raise _all_dropped(val, "validation", cfg, cfg.val or cfg.train)
+    train = _encoded(cfg, tokenizer, train_samples, bad_train, "training", cfg.train)
+    val = _encoded(cfg, tokenizer, val_samples, bad_val if cfg.val else bad_train, "validation",
+                   cfg.val or cfg.train)
     if train.dropped:
         notes.append(f"{train.n_dropped} training sample(s) had every label masked and were dropped: rows "
                      f"{rows_text(train.dropped)}")
+    user_last = ends_on_user([*train_samples, *val_samples])
+    notes += [n for n in (bad_train.note(), bad_val.note(), _user_last_note(user_last, cfg.train_on)) if n]
     stats = DataStats(
         format=fmt,
         n_train=len(train.examples),
@@ -123,6 +163,9 @@ def build_datasets(
         n_val_truncated=val.n_truncated,
         n_val_dropped=val.n_dropped,
         max_len=max(len(e.input_ids) for e in train.examples),
+        n_skipped=len(bad_train.errors) + len(bad_val.errors),
+        n_ends_on_user=len(user_last),
+        val_fraction=fraction,
         notes=notes,
     )
     return train.examples, val.examples, stats

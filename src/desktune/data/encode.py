@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from desktune.constants import IGNORE_INDEX
 from desktune.data.formats import Sample
+from desktune.data.sources import BadRows, bad_row
 from desktune.errors import DesktuneError
 
 TrainOn = Literal["assistant", "all"]
@@ -107,7 +108,8 @@ def _end_of_turn(full: str, start: int, end: int, eos: str) -> tuple[int, int, b
 def assistant_spans(
     tokenizer: Any, messages: list[dict[str, str]], full: str, where: str = "sample"
 ) -> list[tuple[int, int, bool]]:
-    """Character spans (start, end, has_eos) of each assistant turn inside `full`, the rendered conversation.
+    """Character spans (start, end, has_eos) of each assistant turn inside `full`, the conversation rendered
+    without a generation prompt.
 
     A turn starts where the prefix rendered with add_generation_prompt=True ends and ends after its eos.
     """
@@ -119,7 +121,8 @@ def assistant_spans(
             continue
         turn += 1
         prefix = _render(tokenizer, messages[:i], generation=True, where=where)
-        through = _render(tokenizer, messages[: i + 1], generation=False, where=where)
+        last = i + 1 == len(messages)  # then `through` is `full`: one render fewer (rendering is ~1/3 of encoding)
+        through = full if last else _render(tokenizer, messages[: i + 1], generation=False, where=where)
         if through.startswith(prefix) and full.startswith(through) and len(prefix) >= cursor:
             start, end = len(prefix), len(through)
         else:
@@ -214,13 +217,21 @@ def encode_samples(
     max_seq_len: int,
     train_on: TrainOn = "assistant",
     system_prompt: str | None = None,
+    bad: BadRows | None = None,
 ) -> Encoded:
-    """Encode many samples, counting truncated ones and dropping those left with no trained token."""
+    """Encode many samples, counting truncated ones and dropping those left with no trained token; a sample the
+    template cannot render goes to `bad` when given (skipped or raised, as data.bad_rows says)."""
     out = Encoded()
     for sample in samples:
-        example, truncated = encode_sample(
-            tokenizer, sample, max_seq_len=max_seq_len, train_on=train_on, system_prompt=system_prompt
-        )
+        try:
+            example, truncated = encode_sample(
+                tokenizer, sample, max_seq_len=max_seq_len, train_on=train_on, system_prompt=system_prompt
+            )
+        except DesktuneError as e:
+            if e.where != sample.source:  # the tokenizer's fault (no eos), not the row's
+                raise
+            bad_row(bad, e)
+            continue
         out.n_truncated += truncated
         if example.n_target == 0:
             out.dropped.append(sample.source)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from desktune.data.sources import RawRow, kind_of
+from desktune.data.sources import BadRows, RawRow, bad_row, kind_of
 from desktune.errors import DesktuneError
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -322,8 +322,15 @@ def to_sample(row: RawRow, fmt: str) -> Sample:
     return _CONVERTERS[fmt](row)
 
 
-def convert_rows(rows: Sequence[RawRow], fmt: str = "auto") -> tuple[str, list[Sample]]:
-    """Convert every row; `fmt='auto'` detects the format from the first rows. Returns (format, samples)."""
+def convert_rows(rows: Sequence[RawRow], fmt: str = "auto", bad: BadRows | None = None) -> tuple[str, list[Sample]]:
+    """Convert every row; `fmt='auto'` detects the format from the first rows. Returns (format, samples); a row
+    that does not convert goes to `bad` when given (skipped or raised, as data.bad_rows says)."""
     if fmt == "auto":
         fmt = detect_format(rows)
-    return fmt, [to_sample(row, fmt) for row in rows]
+    samples = []
+    for row in rows:
+        try:
+            samples.append(to_sample(row, fmt))
+        except DesktuneError as e:
+            bad_row(bad, e)
+    return fmt, samples

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ _COMPRESSED = (
 )
 
 
+SHOWN_ROWS = 5  # rows named in a message; the count says how many more
+SKIP_FIX = "or leave such rows out: -o data.bad_rows=skip"
+
+
 @dataclass(frozen=True)
 class RawRow:
     """One record as read from disk, with where it came from (`path:line` or `path:row N`)."""
@@ -35,8 +40,60 @@ class RawRow:
     source: str
 
 
-def read_rows(path: str | Path) -> list[RawRow]:
-    """Read every row of a data file or saved dataset folder; raise DesktuneError on any bad input."""
+def rows_text(sources: list[str]) -> str:
+    """'a.jsonl:1, a.jsonl:2 and 3 more'."""
+    shown = ", ".join(sources[:SHOWN_ROWS])
+    return shown + (f" and {len(sources) - SHOWN_ROWS} more" if len(sources) > SHOWN_ROWS else "")
+
+
+def error_text(e: DesktuneError) -> str:
+    """The message of `e` without its where and fix (DesktuneError keeps only the joined text)."""
+    text = str(e)
+    text = text[: -len(f"\nFix: {e.fix}")] if e.fix else text
+    return text[len(f"{e.where}: "):] if e.where else text
+
+
+@dataclass
+class BadRows:
+    """data.bad_rows for one data file: `skip` keeps each bad row's error and goes on; `error` raises the first,
+    its fix naming the switch. Only errors that name a row pass through here."""
+
+    skip: bool = False
+    errors: list[DesktuneError] = field(default_factory=list)
+
+    def found(self, e: DesktuneError) -> None:
+        """A bad row: kept when skipping, else raised with the skip switch added to its fix."""
+        if not self.skip:
+            fix = f"{e.fix}; {SKIP_FIX}" if e.fix else SKIP_FIX
+            raise DesktuneError(error_text(e), where=e.where, fix=fix) from e
+        self.errors.append(e)
+
+    def note(self) -> str | None:
+        """'left out 3 bad rows (data.bad_rows=skip): a.jsonl:2: why; ...', or None when none was."""
+        if not self.errors:
+            return None
+        shown = "; ".join(f"{e.where}: {error_text(e)}" for e in self.errors[:SHOWN_ROWS])
+        more = f"; and {len(self.errors) - SHOWN_ROWS} more" if len(self.errors) > SHOWN_ROWS else ""
+        return f"left out {len(self.errors)} bad row(s) (data.bad_rows=skip): {shown}{more}"
+
+    def none_left(self, where: str) -> DesktuneError:
+        """Every row was bad: the first one's error and fix, with the count."""
+        first = self.errors[0]
+        return DesktuneError(f"all {len(self.errors)} rows are bad, none is left to use (data.bad_rows=skip); the "
+                             f"first, {first.where}: {error_text(first)}", where=where, fix=first.fix)
+
+
+def bad_row(bad: BadRows | None, e: DesktuneError) -> None:
+    """A row that cannot be used: raised as it is without `bad` (not the training data), else skipped or raised
+    as `bad` says."""
+    if bad is None:
+        raise e
+    bad.found(e)
+
+
+def read_rows(path: str | Path, bad: BadRows | None = None) -> list[RawRow]:
+    """Read every row of a data file or saved dataset folder; raise DesktuneError on any bad input (a bad row
+    goes to `bad` when given: skipped or raised, as data.bad_rows says)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DesktuneError(
@@ -47,11 +104,11 @@ def read_rows(path: str | Path) -> list[RawRow]:
     else:
         suffix = p.suffix.lower()
         if suffix in _JSONL:
-            rows = _read_jsonl(p)
+            rows = _read_jsonl(p, bad)
         elif suffix == ".json":
-            rows = _read_json(p)
+            rows = _read_json(p, bad)
         elif suffix == ".csv":
-            rows = _read_csv(p)
+            rows = _read_csv(p, bad)
         elif suffix == ".parquet":
             rows = _read_parquet(p)
         else:
@@ -59,6 +116,8 @@ def read_rows(path: str | Path) -> list[RawRow]:
                 f"unknown data file type '{p.suffix or '(none)'}'", where=str(p), fix=_SUPPORTED_FIX
             )
     if not rows:
+        if bad is not None and bad.errors:
+            raise bad.none_left(str(p))
         raise DesktuneError("the data has no rows", where=str(p), fix="add training samples to the file")
     return rows
 
@@ -109,27 +168,33 @@ def kind_of(obj: Any) -> str:
     return "null" if obj is None else names.get(type(obj), type(obj).__name__)
 
 
-def _read_jsonl(p: Path) -> list[RawRow]:
+def _read_jsonl(p: Path, bad: BadRows | None) -> list[RawRow]:
     rows = []
     for n, line in enumerate(_read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{p}:{n}"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DesktuneError(
-                f"invalid JSON on line {n}: {e.msg} (column {e.colno})",
-                where=where,
-                fix="each line must hold one complete JSON object",
-            ) from e
-        except RecursionError as e:
-            raise _too_deep(where) from e
-        rows.append(_as_row(obj, where))
+            rows.append(_as_row(_json_line(line, n, where), where))
+        except DesktuneError as e:
+            bad_row(bad, e)
     return rows
 
 
-def _read_json(p: Path) -> list[RawRow]:
+def _json_line(line: str, n: int, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DesktuneError(
+            f"invalid JSON on line {n}: {e.msg} (column {e.colno})",
+            where=where,
+            fix="each line must hold one complete JSON object",
+        ) from e
+    except RecursionError as e:
+        raise _too_deep(where) from e
+
+
+def _read_json(p: Path, bad: BadRows | None) -> list[RawRow]:
     text = _read_text(p)
     try:
         obj = json.loads(text)
@@ -142,8 +207,13 @@ def _read_json(p: Path) -> list[RawRow]:
         raise DesktuneError(
             f"invalid JSON: {e.msg} (column {e.colno})", where=f"{p}:{e.lineno}", fix=fix
         ) from e
-    items = _json_items(obj, p)
-    return [_as_row(item, f"{p}:row {i}") for i, item in enumerate(items, start=1)]
+    rows = []
+    for i, item in enumerate(_json_items(obj, p), start=1):
+        try:
+            rows.append(_as_row(item, f"{p}:row {i}"))
+        except DesktuneError as e:
+            bad_row(bad, e)
+    return rows
 
 
 def _too_deep(where: str) -> DesktuneError:
@@ -169,37 +239,43 @@ def _keys(obj: dict[str, Any]) -> str:
     return ", ".join(repr(str(k)) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
 
 
-def _read_csv(p: Path) -> list[RawRow]:
+def _read_csv(p: Path, bad: BadRows | None) -> list[RawRow]:
     reader = csv.reader(io.StringIO(_read_text(p), newline=""))
     try:
         header = next(reader, None)
-        if header is None or not any(h.strip() for h in header):
-            raise DesktuneError(
-                "the CSV has no header row", where=str(p), fix="put column names on the first line"
-            )
-        header = [h.strip() for h in header]
-        dupes = sorted({h for h in header if header.count(h) > 1})
-        if dupes:
-            raise DesktuneError(
-                f"duplicate CSV columns: {', '.join(dupes)}", where=str(p), fix="rename the columns"
-            )
-        rows = []
-        for n, fields in enumerate(reader, start=1):
-            if not fields:
-                continue
-            where = f"{p}:row {n}"
-            if len(fields) != len(header):
-                raise DesktuneError(
-                    f"row has {len(fields)} fields but the header has {len(header)} columns",
-                    where=where,
-                    fix="quote fields that contain commas or newlines",
-                )
-            rows.append(RawRow(dict(zip(header, fields, strict=True)), where))
     except csv.Error as e:
-        raise DesktuneError(
-            f"invalid CSV: {e}", where=f"{p}:{reader.line_num}", fix="correct the CSV quoting"
-        ) from e
+        raise _csv_error(e, p, reader) from e
+    if header is None or not any(h.strip() for h in header):
+        raise DesktuneError("the CSV has no header row", where=str(p), fix="put column names on the first line")
+    header = [h.strip() for h in header]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise DesktuneError(f"duplicate CSV columns: {', '.join(dupes)}", where=str(p), fix="rename the columns")
+    rows = []
+    for n, fields in enumerate(_csv_records(reader, p), start=1):
+        if isinstance(fields, DesktuneError):
+            bad_row(bad, fields)
+        elif fields and len(fields) != len(header):
+            bad_row(bad, DesktuneError(f"row has {len(fields)} fields but the header has {len(header)} columns",
+                                       where=f"{p}:row {n}", fix="quote fields that contain commas or newlines"))
+        elif fields:
+            rows.append(RawRow(dict(zip(header, fields, strict=True)), f"{p}:row {n}"))
     return rows
+
+
+def _csv_records(reader: Any, p: Path) -> Iterator[list[str] | DesktuneError]:
+    """The CSV's records, an unreadable one as its error (the reader goes on after it)."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield _csv_error(e, p, reader)
+
+
+def _csv_error(e: csv.Error, p: Path, reader: Any) -> DesktuneError:
+    return DesktuneError(f"invalid CSV: {e}", where=f"{p}:{reader.line_num}", fix="correct the CSV quoting")
 
 
 def _read_parquet(p: Path) -> list[RawRow]:
