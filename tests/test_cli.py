@@ -4,8 +4,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -46,7 +48,7 @@ def _config(tmp_path: Path, tiny_model_dir: Path, **sections) -> Path:
         (lambda tmp, m: ["train", str(_config(tmp, m)), "-o", "train.lrr=1"], "did you mean 'train.lr'?"),
         (lambda tmp, m: ["train", str(_config(tmp, m)), "-o", "lora.r=0"], "'lora.r': Input should be greater than 0"),
         (lambda tmp, m: ["generate", "hi", "--adapter", str(tmp)], "no adapter_config.json here"),
-        (lambda tmp, m: ["merge", str(tmp / "no-adapter"), "-o", str(tmp / "m")], "adapter folder not found"),
+        (lambda tmp, m: ["merge", str(tmp / "no-adapter"), "--output", str(tmp / "m")], "adapter folder not found"),
     ],
 )
 def test_user_errors_exit_2_with_one_message(monkeypatch, capsys, tmp_path, tiny_model_dir, setup, expected):
@@ -83,7 +85,7 @@ def test_train_then_generate_and_chat(monkeypatch, capsys, tmp_path, tiny_model_
                                           "--temperature", "0", "--dtype", "fp32"], input="hello\n/reset\nhi\n/exit\n")
     assert result.exit_code == 0, result.output
     assert result.output.count("assistant> ") == 2
-    code, out, err = run_main(monkeypatch, capsys, "merge", str(adapter), "-o", str(tmp_path / "merged"))
+    code, out, err = run_main(monkeypatch, capsys, "merge", str(adapter), "--output", str(tmp_path / "merged"))
     assert code == 0, err
     assert (tmp_path / "merged" / "config.json").is_file()
 
@@ -105,7 +107,7 @@ def test_bad_choice_is_a_usage_error(monkeypatch, capsys):
 @pytest.mark.parametrize(("verb", "option", "value"), [("merge", "--dtype", "fp8"), ("plan", "--dtype", "int3"),
                                                        ("plan", "--device", "tpu"), ("plan", "--optimizer", "sgd")])
 def test_fixed_value_options_are_choices(monkeypatch, capsys, tmp_path, verb, option, value):
-    first = [str(tmp_path), "-o", str(tmp_path / "m")] if verb == "merge" else ["--model", "llama-3.2-1b"]
+    first = [str(tmp_path), "--output", str(tmp_path / "m")] if verb == "merge" else ["--model", "llama-3.2-1b"]
     code, out, err = run_main(monkeypatch, capsys, verb, *first, option, value)
     assert code == 2 and f"'{value}' is not one of" in " ".join(err.split()) and "Traceback" not in out + err
 
@@ -147,3 +149,84 @@ def test_debug_mode_adds_the_cause(monkeypatch, capsys, tmp_path, debug):
     code, _, err = run_main(monkeypatch, capsys, "train", str(bad))
     assert code == 2 and "invalid YAML" in err
     assert ("Traceback" in err and "yaml.parser.ParserError" in err) == bool(debug)
+
+
+def _commands() -> dict[str, Any]:
+    """Every command as click sees it (typer's own copy of click, or click), by its path: "train", "export gguf"."""
+    found, todo = {}, [("", typer.main.get_command(cli.app))]
+    while todo:
+        path, cmd = todo.pop()
+        if hasattr(cmd, "commands"):  # a group
+            todo += [(f"{path} {name}".strip(), sub) for name, sub in cmd.commands.items()]
+        else:
+            found[path] = cmd
+    return found
+
+
+def test_a_short_flag_means_one_thing_in_every_command():
+    """-o is --override (train); no command uses it for an output (--out, --output, --output-dir before)."""
+    meanings: dict[str, set[str]] = {}
+    for cmd in _commands().values():
+        for param in cmd.params:
+            for flag in (o for o in [*param.opts, *param.secondary_opts] if not o.startswith("--")):
+                meanings.setdefault(flag, set()).add(max(param.opts, key=len))
+    assert {flag: m for flag, m in meanings.items() if len(m) > 1} == {}
+    assert meanings["-o"] == {"--override"}
+
+
+@pytest.mark.parametrize("path", sorted(_commands()))
+def test_help_reads_whole_at_80_columns(path):
+    """No description cut with "…", no <bool> type on a flag, no line past 80 columns."""
+    help_text = CliRunner().invoke(cli.app, [*path.split(), "--help"], env={"COLUMNS": "80"}).output
+    assert "…" not in help_text and "<bool>" not in help_text and "<list[str]>" not in help_text
+    assert max(len(line) for line in help_text.splitlines()) <= 80, help_text
+    for param in _commands()[path].params:  # each option's help is all there, re-flowed
+        if param.param_type_name == "option" and param.help:
+            assert " ".join(param.help.split()) in " ".join(help_text.split()), param.help
+
+
+def test_the_command_list_shows_each_summary_whole_at_80_columns():
+    listed = " ".join(CliRunner().invoke(cli.app, ["--help"], env={"COLUMNS": "80"}).output.split())
+    for info in cli.app.registered_commands:
+        summary = " ".join(info.callback.__doc__.split("\n\n")[0].split())
+        assert summary in listed
+
+
+def test_outputs_take_one_long_name_and_the_old_one_still_works(monkeypatch, capsys, tmp_path):
+    code, _, err = run_main(monkeypatch, capsys, "generate", "hi", "--out", str(tmp_path))
+    assert code == 2 and "is a folder" in err  # --out: still read, refused for being a folder
+    for path in ("generate", "export gguf", "merge", "eval", "report"):
+        assert "--output" in {o for p in _commands()[path].params for o in p.opts}, path
+
+
+
+def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on():
+    """In a terminal, Ctrl-C while an answer streams ended `desktune chat` (exit 130); now it stops that answer."""
+    from desktune.inference import chat_loop
+
+    asked, shown, notes = [], [], []
+    typed = iter(["a poem please", "capital of France?"])
+
+    class Session:
+        def describe(self) -> str:
+            return "a stand-in"
+
+        def ask(self, text: str, on_text) -> str:
+            asked.append(text)
+            if len(asked) == 1:
+                on_text("The sea, the")
+                raise KeyboardInterrupt
+            on_text("Paris.")
+            return "Paris."
+
+    def read(prompt: str) -> str:
+        shown.append(prompt)
+        line = next(typed, None)
+        if line is None:
+            raise EOFError  # Ctrl-D
+        return line
+
+    chat_loop(Session(), read, shown.append, notes.append)
+    assert asked == ["a poem please", "capital of France?"]
+    assert "".join(shown) == "you> assistant> The sea, the\nyou> assistant> Paris.\nyou> \n"
+    assert any("answer stopped" in n for n in notes)

@@ -304,11 +304,11 @@ def test_cli_merges_two_adapters_weighted_and_refuses_a_foreign_base(two_adapter
     from tests.test_cli import run_main
 
     a, b = two_adapters
-    code, out, err = run_main(monkeypatch, capsys, "merge", str(a), str(b), "--weights", "0.7,0.3", "-o",
+    code, out, err = run_main(monkeypatch, capsys, "merge", str(a), str(b), "--weights", "0.7,0.3", "--output",
                               str(tmp_path / "merged"), "--dtype", "fp32")
     assert code == 0, err
     assert (tmp_path / "merged" / "config.json").is_file()
-    code, out, err = run_main(monkeypatch, capsys, "merge", str(runs["none"]), "-o", str(tmp_path / "m2"),
+    code, out, err = run_main(monkeypatch, capsys, "merge", str(runs["none"]), "--output", str(tmp_path / "m2"),
                               "--model", str(twin))
     assert code == 2 and "Traceback" not in out + err
     assert "the adapter was trained on another base" in err and "--force-base" in err

@@ -200,10 +200,10 @@ def _commands(adapter: Path, model: Path, tmp: Path) -> dict[str, list[str]]:
     return {
         "generate": ["generate", "hi", "--adapter", str(adapter), "--model", str(model), "--max-new-tokens", "2"],
         "chat": ["chat", "--adapter", str(adapter), "--model", str(model)],
-        "merge": ["merge", str(adapter), "-o", str(tmp / "merged"), "--model", str(model)],
+        "merge": ["merge", str(adapter), "--output", str(tmp / "merged"), "--model", str(model)],
         "export": ["export", "gguf", str(adapter), "--out", str(tmp / "m.gguf"), "--model", str(model)],
         "eval": ["eval", "--adapter", str(adapter), "--model", str(model), "--data", str(data), "--no-forgetting",
-                 "--no-nf4", "-o", str(tmp / "eval.json")],
+                 "--no-nf4", "--output", str(tmp / "eval.json")],
         "serve": ["serve", "--adapter", f"a={adapter}", "--model", str(model), "--port", "0"],
     }
 

@@ -81,7 +81,8 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_runs_and_constants_are_torch_free_foundations():
-    for path in [*_modules(SRC / "runs"), *(SRC / f for f in ("constants.py", "errors.py", "units.py", "safety.py"))]:
+    for path in [*_modules(SRC / "runs"),
+                 *(SRC / f for f in ("constants.py", "errors.py", "units.py", "safety.py", "console.py"))]:
         imported = _imports(path)
         assert not any(m.split(".")[0] in {"torch", "transformers", "peft"} for m in imported), path
         ours = {m for m in imported if m.startswith("desktune")}
@@ -98,7 +99,7 @@ def test_no_module_imports_the_package_root():
 # the chain, in order; a module may import its own layer, the ones before it, and the foundations
 CHAIN = ["config", "hardware", "memory", "defaults", "models", "adapters", "data", "scoring", "training", "evaluation",
          "inference", "export", "serving", "reporting"]
-FOUNDATIONS = {"errors", "constants", "units", "runs", "safety"}
+FOUNDATIONS = {"errors", "constants", "units", "runs", "safety", "console"}
 FACES = {"cli", "demo_run", "__init__", "__main__"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -10,29 +11,32 @@ from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from desktune.config import ModelConfig, TrainConfig
+from desktune.console import make_console
 from desktune.constants import DEBUG_ENV, DTYPE_BYTES, DTYPE_NAMES, VERSION
 from desktune.errors import DesktuneError
 from desktune.runs.layout import METRICS, RunDir
+from desktune.serving.settings import Limits
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # click's plain help: paragraphs re-flowed to the width, flags without a <bool> type
     pretty_exceptions_enable=False,
     help="Fine-tune open LLMs with LoRA/QLoRA on the hardware you have: one GPU, a laptop, or a CPU.",
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one error message, one line: easy to read and to grep
+_LIMITS = Limits()  # the server's defaults, owned by serving/settings.py
+EXIT_UNTAUGHT = 3  # a run that finished but diverged or learned nothing (0: it taught, 2: a user error, 130: stopped)
+out = make_console()
+err = make_console(stderr=True, soft_wrap=True)  # one error message, one line: easy to read and to grep
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Base model: embedded name, local folder, .gguf file or hub id "
+    typer.Option("--model", "-m", metavar="NAME", help="Base model: embedded name, local folder, .gguf file or hub id "
                  "(default: the adapter's base, else smollm2-135m-instruct)."),
 ]
 AdapterOpt = Annotated[
@@ -92,7 +96,7 @@ def _main(
 
 @app.command()
 def demo(
-    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the run folder goes.")] = Path("runs"),
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="Where the run folder goes.")] = Path("runs"),
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the demo's).")] = None,
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M-Instruct on the demo data and show base vs tuned answers.
@@ -103,22 +107,25 @@ def demo(
     """
     from desktune.demo_run import run_demo
 
-    run_demo(output_dir=output_dir, max_steps=max_steps, console=out)
+    result, _, _ = run_demo(output_dir=output_dir, max_steps=max_steps, console=out)
+    _fail_untaught(result)
 
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="A run config (YAML); see examples/.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="A run config (YAML); see examples/.")],
     override: Annotated[
         list[str] | None,
-        typer.Option("--override", "-o", help="Override a config key: -o train.lr=1e-4 -o lora.r=8 (repeatable)."),
+        typer.Option("--override", "-o", metavar="KEY=VALUE",
+                     help="Override a config key: -o train.lr=1e-4 -o lora.r=8 (repeatable)."),
     ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help=f"No progress bar ({METRICS} is still written).")
     ] = False,
     resume: Annotated[
         str | None,
-        typer.Option("--resume", help="Continue exactly from a checkpoint: alone, the latest checkpoint of the "
+        typer.Option("--resume", metavar="[RUN|CHECKPOINT]",
+                     help="Continue exactly from a checkpoint: alone, the latest checkpoint of the "
                      "run (run_name) or of the newest run in output_dir; or a run folder / checkpoint path."),
     ] = None,
     accept_changes: Annotated[
@@ -160,20 +167,33 @@ def train(
     val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     out.print(f"done: {result.steps} steps, train loss {result.train_losses[0]:.4f} -> "
               f"{result.final_train_loss:.4f}{val}; {result.tokens_per_s:.0f} tokens/s")
+    _fail_untaught(result)
+
+
+def _fail_untaught(result: Any) -> None:
+    """A run that diverged or taught nothing says so last and exits with EXIT_UNTAUGHT (README)."""
+    if result.outcome.learned:
+        return
+    err.print(escape(f"the run did not teach the model: {result.outcome.reason}; the adapter kept is "
+                     f"{result.adapter_dir} (exit code {EXIT_UNTAUGHT})"))
+    raise typer.Exit(EXIT_UNTAUGHT)
 
 
 @app.command()
 def plan(
-    config: Annotated[Path | None, typer.Argument(help="A run config (YAML); or use --model and friends.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Catalog name (llama-3.1-8b, qwen2.5-7b, "
-                                              "...), a model folder or config.json, or a hub id.")] = None,
-    budget: Annotated[str | None, typer.Option(help="Memory to fit in: 24GB, 8GiB, or auto (free now).")] = None,
+    config: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="A run config (YAML); or use --model "
+                                                  "and friends.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="NAME", help="Catalog name (llama-3.1-8b, "
+                                              "qwen2.5-7b, ...), a model folder or config.json, or a hub id.")] = None,
+    budget: Annotated[str | None, typer.Option(metavar="SIZE", help="Memory to fit in: 24GB, 8GiB, or auto (free "
+                                               "now).")] = None,
     seq_len: Annotated[int | None, typer.Option(min=1, help="Tokens per sample (data.max_seq_len).")] = None,
     micro_batch: Annotated[int | None, typer.Option(min=1, help="Samples per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option(min=1, help="Micro-batches per optimizer step.")] = None,
     quant: Annotated[Quant | None, typer.Option(help="Base weights: none, nf4 (QLoRA) or int8.")] = None,
     lora_r: Annotated[int | None, typer.Option(min=1, help="LoRA rank.")] = None,
-    targets: Annotated[str | None, typer.Option(help="LoRA targets: all-linear or q_proj,k_proj,...")] = None,
+    targets: Annotated[str | None, typer.Option(metavar="MODULES", help="LoRA targets: all-linear or "
+                                                "q_proj,k_proj,...")] = None,
     optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer of the adapters.")] = None,
     checkpointing: Annotated[Checkpointing | None, typer.Option(
         help="Gradient checkpointing: full (every layer), selective (every second layer) or off.")] = None,
@@ -184,21 +204,25 @@ def plan(
                                                     "use).")] = None,
     list_models: Annotated[bool, typer.Option("--list", help="List the built-in architectures and exit.")] = False,
     nproc: Annotated[int, typer.Option(min=1, help="Devices sharing a step; plan and budget per device.")] = 1,
-    distributed: Annotated[str | None, typer.Option(help="With --nproc: ddp or fsdp2 (shards decoder layers).")] = None,
+    distributed: Annotated[str | None, typer.Option(metavar="ddp|fsdp2", help="With --nproc: ddp or fsdp2 (shards "
+                                                    "decoder layers).")] = None,
     offload_params: Annotated[bool | None, typer.Option(help="fsdp2: sharded parameters in host memory.")] = None,
 ) -> None:
     """Predict the peak memory of a training step by component, before loading anything.
 
     Works from a config or from --model alone (a catalog name or a config.json: no weights needed). With a budget
     it says whether the step fits, the largest sequence length and micro-batch that do, and which changes would.
-    Example: desktune plan --model llama-3.1-8b --quant nf4 --seq-len 2048 --micro-batch 2 --budget 24GB
+
+    \b
+    Example: desktune plan --model llama-3.1-8b --quant nf4 --seq-len 2048 \\
+               --micro-batch 2 --budget 24GB
     """
     from desktune.config import load_config
     from desktune.memory.budget import budget_bytes, effective_budget, plan_run
-    from desktune.memory.render import catalog_table, print_plan
+    from desktune.memory.render import catalog, print_plan
 
     if list_models:
-        out.print(catalog_table())
+        out.print(catalog())
         return
     if config is None and model is None:
         raise DesktuneError("nothing to plan", where="desktune plan", fix="pass a CONFIG.yaml or --model NAME")
@@ -228,11 +252,13 @@ def plan(
 
 @app.command()
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="The user message (or --prompts FILE).")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", help="Answer every prompt of a file: .txt "
-                                                 "(one per line) or .jsonl (prompt and optionally system).")] = None,
-    output: Annotated[Path | None, typer.Option("--out", "-o", help="Write the answers here as JSON lines "
-                                                "(default: print them).")] = None,
+    prompt: Annotated[str | None, typer.Argument(metavar="PROMPT", help="The user message (or --prompts FILE).")
+                      ] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "-p", metavar="FILE", help="Answer every prompt of a "
+                                                 "file: .txt (one per line) or .jsonl (prompt and optionally system).")
+                       ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "--out", metavar="FILE", help="Write the answers "
+                                                "here as JSON lines (default: print them).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts answered together (greedy answers).")] = 8,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -247,10 +273,13 @@ def generate(
     """Answer one prompt (streamed) or a file of prompts (in batches), with or without an adapter.
 
     With --prompts, greedy answers are made --batch-size at a time (a temperature samples them one by one,
-    prompt i seeded with i); each line of --out is the prompt's line (prompt, system, your own fields) plus
+    prompt i seeded with i); each line of --output is the prompt's line (prompt, system, your own fields) plus
     "answer", and the file is written whole at the end, in one rename. Progress goes to stderr.
+
+    \b
     Example: desktune generate "Who are you?" --adapter runs/demo/adapter
-    Example: desktune generate --prompts questions.txt --out answers.jsonl --adapter runs/demo/adapter
+    Example: desktune generate --prompts questions.txt --output answers.jsonl \\
+               --adapter runs/demo/adapter
     """
     _trust(allow_pickle)
     import json
@@ -299,6 +328,7 @@ def chat(
     adapter is refused and the current one stays. /system TEXT sets the system message (/system alone removes
     it). Switching and /system start a new conversation (the system message stays). /help lists the commands,
     /exit (or Ctrl-D) leaves.
+
     Example: desktune chat --adapter runs/demo/adapter
     """
     _trust(allow_pickle)
@@ -310,8 +340,17 @@ def chat(
                           temperature=temperature)
     if adapter is not None:
         session.use_adapter(adapter)
+    _line_editing()
     chat_loop(session, input, lambda t: print(t, end="", flush=True),
               lambda t: err.print(t, highlight=False, markup=False))
+
+
+def _line_editing() -> None:
+    """In a terminal, input() edits the line (arrows, Home/End) and recalls earlier ones once readline is loaded;
+    without it the arrow keys type ^[[D into the message."""
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # Windows has no readline; its console edits lines itself
+            import readline  # noqa: F401
 
 
 Into = _choice("Into", ("dequantized", "original"))  # = desktune.export.merge.INTO
@@ -322,9 +361,9 @@ IntoOpt = Annotated[Into | None, typer.Option("--into", help="dequantized: the 4
 
 @app.command()
 def merge(
-    adapters: Annotated[list[Path], typer.Argument(help="The PEFT adapter folder(s) to merge, all trained on one "
-                                                   "base.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTER", help="The PEFT adapter folder(s) to "
+                                                   "merge, all trained on one base.")],
+    output: Annotated[Path, typer.Option("--output", metavar="DIR", help="Folder for the merged model.")],
     model: ModelOpt = None,
     dtype: Annotated[Precision, typer.Option(help="Merged weights' precision.")] = Precision.bf16,
     weights: Annotated[str | None, typer.Option("--weights", "-w", help="One weight per adapter, comma-separated "
@@ -341,7 +380,10 @@ def merge(
     The base must be the one the adapters trained on: checked by the fingerprint desktune records beside each
     adapter, else by name (--force-base skips the check).
     The folder holds safetensors weights, tokenizer and chat template.
-    Example: desktune merge runs/a/adapter runs/b/adapter --weights 0.7,0.3 -o merged/
+
+    \b
+    Example: desktune merge runs/a/adapter runs/b/adapter --weights 0.7,0.3 \\
+               --output merged/
     """
     _trust(allow_pickle)
     from desktune.export.merge import merge_adapter, parse_weights
@@ -352,7 +394,7 @@ def merge(
     out.print(f"merged model saved: [bold]{folder}[/]")
 
 
-export_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="Write a run, an adapter or a model in another format (gguf).")
 app.add_typer(export_app, name="export")
 GgufType = _choice("GgufType", ("f16", "bf16", "q8_0", "q4_0", "f32"))  # = desktune.export.gguf.MODEL_TYPES
@@ -360,9 +402,9 @@ GgufType = _choice("GgufType", ("f16", "bf16", "q8_0", "q4_0", "f32"))  # = desk
 
 @export_app.command("gguf")
 def export_gguf(
-    source: Annotated[Path, typer.Argument(help="A run folder (its final adapter), an adapter folder, or a model "
-                                           "folder.")],
-    output: Annotated[Path, typer.Option("--out", "-o", help="The GGUF file to write.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A run folder (its final adapter), an adapter "
+                                           "folder, or a model folder.")],
+    output: Annotated[Path, typer.Option("--output", "--out", metavar="FILE", help="The GGUF file to write.")],
     qtype: Annotated[GgufType, typer.Option("--type", "-t", help="Weights: f16, bf16, q8_0, q4_0 (embeddings "
                                             "q8_0) or f32; an adapter: f16, bf16, q8_0 or f32.")] = GgufType.f16,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Write the LoRA adapter alone as a GGUF "
@@ -371,9 +413,9 @@ def export_gguf(
     merge_dtype: Annotated[Precision | None, typer.Option(help="Precision of the merge (default fp32, bf16 for "
                                                           "--type bf16; bf16 halves the memory it needs).")] = None,
     into: IntoOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file (and its Modelfile).")
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file (and its Modelfile).")
                      ] = False,
-    modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile beside the GGUF (OUT.Modelfile).")
+    modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile beside the GGUF (OUTPUT.Modelfile).")
                          ] = True,
     ollama_from: Annotated[str | None, typer.Option("--from", help="--adapter-only: the base for the Modelfile's "
                                                     "FROM (a base GGUF file, or an Ollama model name).")] = None,
@@ -384,9 +426,10 @@ def export_gguf(
     The adapter is merged into the base loaded in 16 bit or more (never into 4-bit weights). The file carries the
     whole tokenizer with llama.cpp's pre-tokenizer type, the chat template used in training and the end-of-turn
     token that stops generation; what cannot be written exactly (architecture, tokenizer, RoPE scaling) is
-    refused. Beside it goes OUT.Modelfile for `ollama create NAME -f OUT.Modelfile`: TEMPLATE where the training
-    template has an exact Ollama translation, PARAMETER stop for each end-of-generation token.
-    Example: desktune export gguf runs/demo --out demo.gguf --type q8_0
+    refused. Beside it goes OUTPUT.Modelfile for `ollama create NAME -f OUTPUT.Modelfile`: TEMPLATE where the
+    training template has an exact Ollama translation, PARAMETER stop for each end-of-generation token.
+
+    Example: desktune export gguf runs/demo --output demo.gguf --type q8_0
     """
     _trust(allow_pickle)
     from desktune.export.gguf import export_gguf as run_export
@@ -404,7 +447,8 @@ def export_gguf(
 
 @app.command("eval")
 def evaluate(
-    run_dir: Annotated[Path | None, typer.Argument(help="A run folder (its config, adapter, validation set).")] = None,
+    run_dir: Annotated[Path | None, typer.Argument(metavar="RUN_DIR", help="A run folder (its config, adapter, "
+                                                   "validation set).")] = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Held-out data file (default: the run's "
@@ -417,7 +461,7 @@ def evaluate(
     probe: Annotated[bool, typer.Option(help="Ask the knowledge probe (part of forgetting).")] = True,
     nf4: Annotated[bool, typer.Option(help="Also score the base in 4-bit NF4 against 16 bit.")] = True,
     device: DeviceOpt = Device.auto,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where the JSON goes (default: "
+    output: Annotated[Path | None, typer.Option("--output", metavar="FILE", help="Where the JSON goes (default: "
                                                 "RUN_DIR/eval.json).")] = None,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
@@ -439,8 +483,8 @@ def evaluate(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="The HTML file (default: "
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
+    output: Annotated[Path | None, typer.Option("--output", metavar="FILE", help="The HTML file (default: "
                                                 "RUN_DIR/report.html).")] = None,
     tensorboard: Annotated[Path | None, typer.Option(help="Also write the records as TensorBoard scalars "
                                                      "to this folder (needs the tensorboard package).")] = None,
@@ -466,19 +510,20 @@ def report(
 def serve(
     model: ModelOpt = None,
     adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", "-a", help="NAME=PATH (or PATH, named after its run): an adapter served as model NAME "
-        "(repeatable; all on the same base).")] = None,
+        "--adapter", "-a", metavar="NAME=PATH", help="NAME=PATH (or PATH, named after its run): an adapter served "
+        "as model NAME (repeatable; all on the same base).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs an API key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,
     api_key: Annotated[str | None, typer.Option(
         envvar="DESKTUNE_API_KEY", show_envvar=True,
         help="Require Authorization: Bearer KEY on every request (the variable keeps it out of `ps`).")] = None,
-    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Most tokens one answer may ask for.")] = 1024,
+    max_tokens_limit: Annotated[int, typer.Option(
+        min=1, help="Most tokens one answer may ask for.")] = _LIMITS.max_tokens,
     max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help="Longest prompt in tokens (default: the "
                                                           "model's context).")] = None,
-    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = 1 << 20,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body.")] = _LIMITS.max_body_bytes,
     max_concurrent: Annotated[int, typer.Option(min=1, help="Generations in flight (running or waiting for the "
-                                                "model); beyond that 429.")] = 4,
+                                                "model); beyond that 429.")] = _LIMITS.max_concurrent,
     dtype: DtypeOpt = Dtype.auto,
     quant: QuantOpt = Quant.none,
     device: DeviceOpt = Device.auto,
@@ -487,6 +532,7 @@ def serve(
     """Serve a base model and its adapters over an OpenAI-compatible HTTP API (chat, completions, models).
 
     Each adapter is a model name; the base answers under its own name. Binds 127.0.0.1 unless told otherwise.
+
     Example: desktune serve --adapter pirate=runs/demo/adapter, then any OpenAI client with
     base_url http://127.0.0.1:8000/v1 and model "pirate".
     """
@@ -501,6 +547,14 @@ def serve(
                quant=quant.value, log=lambda text: err.print(text, highlight=False))
 
 
+def _whole_summaries(*apps: typer.Typer) -> None:
+    """`desktune --help` lists each command with its first sentence whole (click cuts a long one with "...")."""
+    for info in (c for a in apps for c in a.registered_commands):
+        if info.short_help is None and info.callback is not None and info.callback.__doc__:
+            info.short_help = " ".join(info.callback.__doc__.strip().split("\n\n")[0].split())
+
+
+_whole_summaries(app, export_app)
 LATEST = "latest"
 
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from desktune.config import load_config
+from desktune.console import make_console
 from desktune.errors import DesktuneError
 from desktune.hardware import human_bytes
 from desktune.runs import RunDir
@@ -47,7 +48,7 @@ def _table(prompts: list[str], before: list[str], after: list[str]) -> Table:
 def run_demo(output_dir: Path = Path("runs"), max_steps: int | None = None,
              console: Console | None = None, max_new_tokens: int = 64) -> tuple[RunResult, list[str], list[str]]:
     """Run the demo end to end; returns the run result and the base and tuned answers."""
-    console = console or Console()
+    console = console or make_console()
     t0 = time.perf_counter()
     folder = examples_dir()
     overrides = [f"output_dir={output_dir}"] + ([f"train.max_steps={max_steps}"] if max_steps else [])

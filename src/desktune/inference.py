@@ -277,7 +277,7 @@ def _command(session: ChatSession, line: str, note: Callable[[str], None]) -> bo
 def chat_loop(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None],
               note: Callable[[str], None]) -> None:
     """Read lines with `read(prompt)` until /exit or end of input; answers stream to `write`, messages (help,
-    errors, switches) go to `note`."""
+    errors, switches) go to `note`. Ctrl-C during an answer stops it; at the prompt it leaves."""
     note(f"chat ready, answering: {session.describe()}. /help lists the commands, /exit leaves")
     while True:
         try:
@@ -293,5 +293,10 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], write: Callable[
                 return
             continue
         write("assistant> ")
-        session.ask(text, write)
+        try:
+            session.ask(text, write)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer (forgotten), not the chat
+            write("\n")
+            note("answer stopped; the conversation goes on without it (/exit or Ctrl-D leaves)")
+            continue
         write("\n")

@@ -307,14 +307,14 @@ def merged_model(adapter: str | Path | Sequence[str | Path], *, model: str | Non
 def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise DesktuneError("the output is a file, not a folder", where=str(output),
-                            fix="choose a new folder with -o (nothing was written)")
+                            fix="choose a new folder with --output (nothing was written)")
     if output.exists() and any(output.iterdir()):
         raise DesktuneError("the output folder is not empty", where=str(output),
                             fix="choose a new folder (nothing was written)")
     parent = next(p for p in output.absolute().parents if p.exists())
     if not parent.is_dir():
         raise DesktuneError(f"cannot create the output folder: {parent} is a file", where=str(output),
-                            fix="choose a folder in a writable place with -o (nothing was written)")
+                            fix="choose a folder in a writable place with --output (nothing was written)")
 
 
 def merge_adapter(adapter: str | Path | Sequence[str | Path], output: str | Path, *, model: str | None = None,

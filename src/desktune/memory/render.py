@@ -6,6 +6,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from desktune.console import make_console
 from desktune.memory.catalog import ALIASES, CATALOG
 from desktune.memory.estimate import Plan, largest_fitting, process_share, suggestions
 from desktune.units import human_bytes
@@ -26,8 +27,8 @@ def _title(plan: Plan) -> str:
 def plan_table(plan: Plan, title: str | None = None) -> Table:
     """The plan's components, their sizes and notes, and the total (per device)."""
     table = Table(title=title or _title(plan), show_footer=True)
-    table.add_column("component", footer="total" if plan.inputs.nproc == 1 else "total per device")
-    table.add_column("size", justify="right", footer=human_bytes(plan.total))
+    table.add_column("component", footer="total" if plan.inputs.nproc == 1 else "total per device", no_wrap=True)
+    table.add_column("size", justify="right", footer=human_bytes(plan.total), no_wrap=True)
     table.add_column("where it comes from", footer=f"peak: {plan.phase}")
     for c in plan.components:
         table.add_row(c.name, human_bytes(c.bytes), c.note)
@@ -78,17 +79,20 @@ def render_plan(plan: Plan, budget_bytes: int | None = None, *, advice: bool = T
 
 def print_plan(plan: Plan, budget_bytes: int | None = None, console: Console | None = None) -> None:
     """Print `render_plan` to a console (stdout by default)."""
-    (console or Console()).print(render_plan(plan, budget_bytes))
+    (console or make_console()).print(render_plan(plan, budget_bytes))
 
 
-def catalog_table() -> Table:
-    """The built-in architectures, one line each (what `desktune plan --list` prints)."""
+def catalog() -> Group:
+    """The built-in architectures, one line each, then the other names each answers to (what `desktune plan
+    --list` prints). Names and numbers are never cut or wrapped, and the table fits 80 columns, so
+    `desktune plan --list | grep qwen` finds every row whole."""
     table = Table(title="Architectures desktune plans without a config.json (--model NAME)")
-    for column in ("name", "family", "parameters", "layers", "hidden", "heads / kv", "vocabulary", "also called"):
-        table.add_column(column, justify="right" if column in ("parameters", "layers", "hidden", "vocabulary")
-                         else "left")
+    for column in ("name", "family", "params", "layers", "hidden", "heads/kv", "vocab"):
+        table.add_column(column, justify="left" if column in ("name", "family", "heads/kv") else "right",
+                         no_wrap=True)
     for name, spec in CATALOG.items():
-        aliases = ", ".join(a for a, target in ALIASES.items() if target == name)
         table.add_row(name, spec.family, f"{spec.n_params / 1e9:.2f}B", str(spec.layers), str(spec.hidden),
-                      f"{spec.heads} / {spec.kv_heads}", f"{spec.vocab:,}", aliases)
-    return table
+                      f"{spec.heads} / {spec.kv_heads}", f"{spec.vocab:,}")
+    names = [Text(f"  {', '.join(a for a, target in ALIASES.items() if target == name)} = {name}")
+             for name in CATALOG if name in ALIASES.values()]
+    return Group(table, Text("also accepted:"), *names)

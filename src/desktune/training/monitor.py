@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from desktune.console import make_console
 from desktune.runs import (
     CheckpointRecord,
     EvalRecord,
@@ -34,23 +35,26 @@ from desktune.units import human_bytes
 
 
 class Monitor:
-    """Writes the run's records and drives a progress bar showing loss, lr, tokens/s and memory."""
+    """Writes the run's records and shows progress (loss, lr, tokens/s, memory, the last validation): a live bar
+    in a terminal; into a pipe or a log, whole plain lines (about 20 a run) that a live bar cannot give there."""
 
     def __init__(self, run_dir: RunDir, total_steps: int, console: Console | None = None, *, quiet: bool = False,
                  diagnostics: Diagnostics | None = None, records: bool = True):
         self.path: Path = run_dir.metrics
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self.total_steps = total_steps
         self.start = time.perf_counter()
         self.quiet = quiet
         self.last_eval: EvalRecord | None = None
+        self._last_step: TrainRecord | None = None
+        self._lines: tuple[int, float] | None = None  # plain lines: (step, time) of the first step shown
         self._progress: Progress | None = None
         self._task: Any = None
         self._writer = RecordWriter(self.path) if records else None  # ranks but 0 of several write nothing
         self.diagnostics = diagnostics
 
     def __enter__(self) -> Monitor:
-        if not self.quiet:
+        if not self.quiet and self.console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -96,17 +100,39 @@ class Monitor:
     def step(self, rec: TrainRecord) -> None:
         """A finished optimizer step."""
         self.write(rec)
+        self._last_step = rec
         if self._progress is not None:
-            info = (f"loss {rec.loss:.4f}  lr {rec.lr:.2e}  {rec.tokens_per_s:.0f} tok/s  "
-                    f"mem {human_bytes(rec.mem_bytes)}")
-            if self.last_eval is not None and self.last_eval.val_loss is not None:
-                info += f"  val {self.last_eval.val_loss:.4f}"
-            self._progress.update(self._task, completed=rec.step, info=info)
+            self._progress.update(self._task, completed=rec.step, info=self._info(rec))
+        elif not self.quiet:
+            self._plain_line(rec)
+
+    def _info(self, rec: TrainRecord) -> str:
+        """The numbers of a step, and the latest validation loss (which may come after the step)."""
+        info = f"loss {rec.loss:.4f}  lr {rec.lr:.2e}  {rec.tokens_per_s:.0f} tok/s  mem {human_bytes(rec.mem_bytes)}"
+        if self.last_eval is not None and self.last_eval.val_loss is not None:
+            info += f"  val {self.last_eval.val_loss:.4f}"
+        return info
+
+    def _plain_line(self, rec: TrainRecord) -> None:
+        """Without a terminal: the first step, every twentieth of the run and the last, one whole line each."""
+        now = time.perf_counter()
+        if self._lines is None:
+            self._lines = (rec.step, now)
+        every = max(1, self.total_steps // 20)
+        if rec.step not in (self._lines[0], self.total_steps) and rec.step % every:
+            return
+        first, t0 = self._lines
+        eta = (now - t0) / (rec.step - first) * (self.total_steps - rec.step) if rec.step > first else None
+        when = f"{now - self.start:.0f} s" + (f", eta {eta:.0f} s" if eta is not None else "")
+        self.console.print(f"train {rec.step}/{self.total_steps}  {self._info(rec)}  ({when})", markup=False,
+                           highlight=False)
 
     def eval(self, step: int, val_loss: float, val_tokens: int) -> None:
-        """A validation pass."""
+        """A validation pass (the bar shows it at once: the last one comes after the last step)."""
         self.last_eval = EvalRecord(step=step, val_loss=val_loss, val_tokens=val_tokens)
         self.write(self.last_eval)
+        if self._progress is not None and self._last_step is not None:
+            self._progress.update(self._task, info=self._info(self._last_step))
         self.print(f"step {step}: validation loss {val_loss:.4f} ({val_tokens} target tokens)")
 
     def checkpoint(self, step: int, path: Path) -> None:
