@@ -5,7 +5,7 @@ and the tools that read finished runs. It imports nothing of desktune but `error
 """
 
 from desktune.runs.atomic import write_folder_atomically, write_text_atomically
-from desktune.runs.layout import RunDir, find_checkpoint, is_complete_checkpoint, new_run_dir
+from desktune.runs.layout import RunDir, find_checkpoint, is_complete_checkpoint, new_run_dir, rescue_dir
 from desktune.runs.records import (
     CheckpointRecord,
     EvalRecord,
@@ -35,6 +35,7 @@ __all__ = [
     "new_run_dir",
     "read_records",
     "records_of",
+    "rescue_dir",
     "truncate_records",
     "write_folder_atomically",
     "write_text_atomically",

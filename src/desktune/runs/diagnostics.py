@@ -28,6 +28,10 @@ FLAT_SE = 1.0  # a drop within one standard error of the difference cannot be to
 FLAT_REL = 0.02  # and one under 2% of the starting loss is not learning (both must hold to call it flat)
 DIVERGE_WINDOW = 5  # the loss is smoothed by the median of the last 5 steps: one bad batch is not divergence
 DIVERGE_FACTOR = 1.5  # 50% above the lowest smoothed loss is far past a healthy run's step-to-step noise
+DIVERGE_FROM_START = 2.0  # twice the first step's loss (the base's, before any update): a wrecked model (lr 1e9
+# took the embedded model from 3.6 to 10.8, the uniform guess, in one step: its lowest smoothed loss was 10.8)
+OUTCOME_MIN_STEPS = 10  # fewer steps are a smoke test, not a run whose result can be called a failure
+OUTCOME_MIN_DROP = 0.01  # validation must end 1% below the base's (step 0) on the same fixed set to count as taught
 GRAD_WINDOW = 50  # the spike reference is the median of the last 50 norms: recent, yet steady
 GRAD_MIN_HISTORY = 10  # fewer previous norms give no stable median
 GRAD_FACTOR = 10.0  # healthy norms vary 2-3x between batches; 10x is one batch far outside the rest
@@ -102,6 +106,11 @@ class Diagnostics:
         self._peak_lr: float | None = None
         self._evals: list[tuple[int, float]] = []
         self._best_index: int | None = None
+
+    @property
+    def fired(self) -> frozenset[str]:
+        """The checks that have reported so far."""
+        return frozenset(self._fired)
 
     @property
     def best(self) -> tuple[int, float] | None:
@@ -218,6 +227,8 @@ class Diagnostics:
             self._lowest = (step, smooth)
         low_step, low = self._lowest
         first = self._losses[0]
+        if smooth > DIVERGE_FROM_START * first and first < low:
+            low_step, low = self._steps[0], first
         if len(self._losses) <= DIVERGE_WINDOW or smooth <= DIVERGE_FACTOR * low or smooth <= first:
             return None
         return self._say("loss_diverging", step,
@@ -281,3 +292,39 @@ class Diagnostics:
                          val_loss=val, best_step=best[0], best_val_loss=best[1],
                          train_loss_early=statistics.fmean(train[:half]),
                          train_loss_late=statistics.fmean(train[-half:]))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Whether a finished run taught the model anything, and if not, why (the last line a run prints)."""
+
+    learned: bool
+    reason: str = ""
+    check: str | None = None  # "loss_diverging" or "no_learning" when not learned
+
+
+def judge_outcome(fired: frozenset[str], steps: int, val_losses: list[tuple[int, float]],
+                  train_losses: list[float]) -> Outcome:
+    """A run diverged (its diagnosis fired), or ended with validation no better than the base's at step 0 (or,
+    without validation, its training loss flat), is a failure; runs under OUTCOME_MIN_STEPS are not judged."""
+    if "loss_diverging" in fired:
+        return Outcome(False, "the training loss diverged", "loss_diverging")
+    if steps < OUTCOME_MIN_STEPS:
+        return Outcome(True)
+    base = next((v for s, v in val_losses if s == 0), None)
+    if base is not None and len(val_losses) > 1 and math.isfinite(base):
+        best = min(v for s, v in val_losses if s > 0)
+        if not best < base * (1 - OUTCOME_MIN_DROP):
+            return Outcome(False, f"the validation loss never went {OUTCOME_MIN_DROP:.0%} below the base's "
+                                  f"({base:.4f} at step 0, best {best:.4f})", "no_learning")
+        return Outcome(True)
+    if "loss_flat" in fired or not _dropped(train_losses):
+        return Outcome(False, "the training loss did not drop", "no_learning")
+    return Outcome(True)
+
+
+def _dropped(losses: list[float]) -> bool:
+    """The last quarter's mean training loss below the first quarter's by OUTCOME_MIN_DROP."""
+    finite = [v for v in losses if math.isfinite(v)]
+    w = max(1, len(finite) // 4)
+    return bool(finite) and statistics.fmean(finite[-w:]) < statistics.fmean(finite[:w]) * (1 - OUTCOME_MIN_DROP)

@@ -10,6 +10,8 @@
       eval.json                `desktune eval`: held-out loss, forgetting, 4-bit cost, answers
       report.html              `desktune report`: one self-contained page
 
+    TMPDIR/desktune-rescue/RUN_NAME/  the final adapter, when the run's own disk was full as it was saved
+
 An adapter folder (adapter/ or a checkpoint) is a PEFT adapter plus desktune's own files:
 
       adapter_config.json, adapter_model.safetensors   PEFT's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +43,7 @@ BEST = "best"
 DEMO_ANSWERS = "demo_answers.json"
 EVAL = "eval.json"
 REPORT = "report.html"
+RESCUE = "desktune-rescue"
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,6 +57,11 @@ TRAINER_STATE_PICKLE = "trainer_state.pt"  # older desktune checkpoints: a pickl
 CHECKPOINT_MARKER = ".desktune-checkpoint"
 
 _STEP = re.compile(r"step-(\d+)")
+
+
+def rescue_dir(run_path: Path) -> Path:
+    """Where a run's final adapter goes when its own disk is full: the system's temporary folder."""
+    return Path(tempfile.gettempdir()) / RESCUE / run_path.name
 
 
 def checkpoint_name(step: int) -> str:

@@ -22,6 +22,8 @@ from desktune.defaults import REFIT_AT, TIMING_STEPS, budget_steps
 from desktune.training.monitor import Monitor
 from desktune.training.step import Trainer, accumulate_with_recovery
 
+STEP_MARGIN = 1.05  # a step's time plus 5%: updates, records, checkpoints
+
 
 @contextmanager
 def rng_kept(device: torch.device) -> Iterator[None]:
@@ -43,8 +45,9 @@ def time_steps(tr: Trainer, steps: list[list[Example]], mon: Monitor) -> float:
             tokens.append(sum(len(e.input_ids) for e in samples))
             tr.optimizer.zero_grad(set_to_none=True)
     later = slice(1, None) if len(steps) > 1 else slice(None)  # the first pays for warm-up (allocator, oneDNN)
-    # per token: the first steps' samples are not the data's average (here 8% shorter: the run over-ran 11%)
-    return sum(seconds[later]) / max(sum(tokens[later]), 1)
+    # per token: the first steps' samples are not the data's average (here 8% shorter: the run over-ran 11%);
+    # the median of the later steps' rates, so one step slowed by another process does not set the count
+    return statistics.median(s / max(t, 1) for s, t in zip(seconds[later], tokens[later], strict=True))
 
 
 def mean_step_tokens(train_set: list[Example], per_step: int) -> float:
@@ -56,15 +59,23 @@ def fit_steps(budget_s: float, spent_s: float, step_s: float, wish: int, val_s: 
               eval_every: int | None, done: int = 0) -> int:
     """The run's step count: `done` steps so far, and those that fit with the validations they bring (every
     `eval_every`, and one at the end)."""
-    margin = step_s * 1.05  # 5%: updates, records, checkpoints
-
-    def vals(steps: int) -> int:
-        return 1 + (steps - 1) // eval_every - done // eval_every if eval_every else 1
-
+    margin = step_s * STEP_MARGIN
     steps = done + budget_steps(budget_s, spent_s + val_s, margin, wish - done)
-    while steps > done + 1 and spent_s + (steps - done) * margin + val_s * vals(steps) > budget_s:
+    while steps > done + 1 and needed_s(spent_s, step_s, val_s, eval_every, steps, done) > budget_s:
         steps -= 1
     return steps
+
+
+def needed_s(spent_s: float, step_s: float, val_s: float, eval_every: int | None, steps: int, done: int = 0) -> float:
+    """Seconds a run needs to end at `steps`: what is spent, the steps still to come and their validations."""
+    vals = 1 + (steps - 1) // eval_every - done // eval_every if eval_every else 1
+    return spent_s + (steps - done) * step_s * STEP_MARGIN + val_s * vals
+
+
+def shortest_budget(seconds: float) -> str:
+    """A duration a config takes, rounded up to 10 s: 94.2 -> '100s', 203 -> '3m30s'."""
+    s = 10 * math.ceil(seconds / 10)
+    return f"{s}s" if s < 120 else f"{s // 60}m{s % 60}s" if s % 60 else f"{s // 60}m"
 
 
 @dataclass

@@ -25,9 +25,10 @@ from safetensors import SafetensorError
 
 from desktune.adapters import TrainableReport, attach_lora, trainable_report
 from desktune.config import RunConfig, dump_config, parse_duration, parse_size
+from desktune.console import make_console
 from desktune.constants import VERSION
 from desktune.data import Example, build_datasets, example_stream, resolve_chat_template
-from desktune.defaults import auto_epochs, auto_lr, auto_replay, method_name
+from desktune.defaults import MIN_TEACHING_STEPS, auto_epochs, auto_lr, auto_replay, method_name
 from desktune.errors import DesktuneError
 from desktune.hardware import (
     Hardware,
@@ -38,7 +39,7 @@ from desktune.hardware import (
     pick_device,
     set_threads,
 )
-from desktune.memory.budget import fit_to_budget
+from desktune.memory.budget import fit_to_budget, refuse_beyond_machine
 from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
 from desktune.runs import (
@@ -50,9 +51,10 @@ from desktune.runs import (
     find_checkpoint,
     new_run_dir,
     records_of,
+    rescue_dir,
     truncate_records,
 )
-from desktune.runs.diagnostics import Diagnostics, Finding, Limits
+from desktune.runs.diagnostics import Diagnostics, Finding, Limits, Outcome, judge_outcome
 from desktune.scoring.forgetting import load_variant, reference_set
 from desktune.scoring.reference import builtin_reference
 from desktune.scoring.score import mean_target_loss
@@ -61,7 +63,9 @@ from desktune.training.budget import (
     first_steps,
     fit_steps,
     mean_step_tokens,
+    needed_s,
     real_token_s,
+    shortest_budget,
     time_steps,
     within_warmup,
 )
@@ -114,6 +118,7 @@ class Run:
     switches: Switches = field(default_factory=Switches)  # speed/memory switches in use (set by fit)
     dist: Dist = field(default_factory=Dist)  # this process among the run's (torchrun); one process: rank 0 of 1
     replica: Replica | None = None  # the DDP wrapper or FSDP2-sharded layers (set by fit; several processes)
+    started: float = field(default_factory=time.perf_counter)  # when the run began: train.time_budget counts from it
 
     @property
     def dir(self) -> RunDir:
@@ -135,6 +140,7 @@ class RunResult:
     train_s: float  # time inside optimizer steps (forward, backward, update): no loading, validation or saving
     trainable: TrainableReport
     best_step: int | None = None  # where best/ came from, when a validation before the end beat the final one
+    outcome: Outcome = field(default_factory=lambda: Outcome(True))  # did it teach anything (the CLI's exit code)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -163,32 +169,37 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
     `existing` reuses a run folder (to resume it) instead of making a new one. With several processes (`dist`),
     rank 0 makes the run folder and writes its config; every rank loads the model and data.
     """
-    console, dist = console or Console(stderr=True), dist or Dist()
+    started, console, dist = time.perf_counter(), console or make_console(stderr=True), dist or Dist()
     hw = detect(cfg.train.device, cfg.model.dtype)
     hw = replace(hw, device=device_for(dist, hw.device))
     check_settings(dist, hw.device, cfg.train.offload_params)
     cfg, fit_note = fit_to_budget(cfg, hw, nproc=dist.world)  # before anything loads: refuse when nothing fits
+    if fit_note is None:
+        refuse_beyond_machine(cfg, hw, nproc=dist.world)  # no budget to fit: still never past all the memory
     set_threads(cfg.train.threads, processes=dist.local_world)
     seed_everything(cfg.train.seed)
     if existing is not None:
         if not quiet:
             console.print(f"resuming run folder: [bold]{existing}[/]")
-        return _prepare(cfg, existing, hw, console, quiet, dist)
+        return _prepare(cfg, existing, hw, console, quiet, dist, started)
+    made_output = not Path(cfg.output_dir).exists()
     run_dir = shared_run_dir(cfg, dist)
     if not dist.is_main:
-        return _prepare(cfg, run_dir.path, hw, console, True, dist)
+        return _prepare(cfg, run_dir.path, hw, console, True, dist, started)
     try:
         write_config(cfg, run_dir)
         if not quiet:
             console.print(f"run folder: [bold]{run_dir.path}[/]  device: {hw.name}  precision: {str(hw.dtype)[6:]}")
             if fit_note:
                 console.print(fit_note)
-        run = _prepare(cfg, run_dir.path, hw, console, quiet, dist)
+        run = _prepare(cfg, run_dir.path, hw, console, quiet, dist, started)
         run.fit_note = fit_note
         write_config(run.cfg, run_dir)  # with the values `auto` chose
     except BaseException:  # a user error, a library's or Ctrl-C: nothing trained, so leave no run behind
         if run_dir.path.is_dir() and (run_dir.holds_only_config() or not any(run_dir.path.iterdir())):
             shutil.rmtree(run_dir.path, ignore_errors=True)
+        if made_output and run_dir.path.parent.is_dir() and not any(run_dir.path.parent.iterdir()):
+            run_dir.path.parent.rmdir()  # the output_dir this run made, left empty
         raise
     return run
 
@@ -220,14 +231,16 @@ def write_config(cfg: RunConfig, run_dir: RunDir) -> None:
                             fix="free space on that disk, or choose another output_dir (-o output_dir=...)") from e
 
 
-def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quiet: bool, dist: Dist) -> Run:
+def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quiet: bool, dist: Dist,
+             started: float) -> Run:
     """Model, adapters and data of a run whose folder exists."""
     loaded = load_model(cfg.model, hw, shardable=dist.active and dist.mode == "fsdp2")
     resolve_chat_template(loaded.tokenizer, cfg.model.chat_template)
     seed_everything(cfg.train.seed)  # adapter initialisation depends only on the seed
-    model = attach_lora(loaded.model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model = with_adapters(loaded, cfg)
     report = trainable_report(model)
     train_set, val_set, stats = build_datasets(cfg.data, loaded.tokenizer, cfg.train.seed)
+    cfg = cfg.model_copy(update={"data": stats.resolved(cfg.data)})  # data.val_fraction: auto, as chosen
     cfg, chosen = resolve_auto(cfg, report.total - report.trainable, len(train_set), stats.format != "text")
     replay = replay_set(cfg, model, loaded.tokenizer, loaded.base_path, loaded.hardware.dtype, len(train_set),
                         cache_dir() / "reference")
@@ -239,7 +252,20 @@ def _prepare(cfg: RunConfig, run_dir: Path, hw: Hardware, console: Console, quie
         for note in [*stats.notes, *chosen]:
             console.print(f"note: {note}")
     return Run(cfg=cfg, run_dir=run_dir, loaded=loaded, model=model, train_set=train_set, val_set=val_set,
-               data_stats=stats, trainable=report, console=console, quiet=quiet, chosen=chosen, dist=dist)
+               data_stats=stats, trainable=report, console=console, quiet=quiet, chosen=chosen, dist=dist,
+               started=started)
+
+
+def with_adapters(loaded: LoadedModel, cfg: RunConfig) -> Any:
+    """The base with LoRA attached; running out of memory doing so is the usual message, not a traceback."""
+    try:
+        return attach_lora(loaded.model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError and the CPU allocator's failure
+        if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+            raise
+        raise DesktuneError(f"out of memory while attaching the adapters ({str(e).splitlines()[0][:120]})",
+                            where=f"lora.r={cfg.lora.r}", fix="lower lora.r or lora.target_modules; `desktune plan "
+                            "CONFIG` shows what a setting needs before anything loads") from e
 
 
 def resolve_auto(cfg: RunConfig, base_params: int, n_train: int, chats: bool) -> tuple[RunConfig, list[str]]:
@@ -327,7 +353,7 @@ def fit(run: Run, *, resume: Path | None = None, state: TrainState | None = None
 
 
 def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes: bool) -> RunResult:
-    wall0, cfg = time.perf_counter(), run.cfg
+    wall0, cfg = run.started, run.cfg
     steps = state.total_steps if state and state.total_steps else total_steps(cfg, len(run.train_set))
     saver, hist = Saver.for_run(run), History()
     if state is not None:  # the adapter goes in before the model is wrapped (FSDP2 shards it)
@@ -357,7 +383,7 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
                 continue
             hist.add(out)
             mon.step(train_record(run, tr, out))
-            halt = between_steps(run, tr, mon, hist, saver, forgetting, steps)
+            halt = between_steps(run, tr, mon, hist, saver, forgetting, steps) or diverged(run, tr, mon)
             saved = saver.checkpoint(tr, mon) if due(cfg.checkpoint.every, step, steps) or halt else None
             if halt is not None:
                 mon.diagnose(halt)
@@ -368,16 +394,37 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
                 mon.event(f"{stop.requested or 'stop asked on another rank'}: stopped after step {step}",
                           name="stopped", step=step)
                 raise TrainingInterrupted(step, str(saved))
-        if run.val_set and ended == steps:
-            tr.step = steps
+        if run.val_set and (not hist.val_losses or hist.val_losses[-1][0] != ended):
+            tr.step = ended
             validate(run, tr, mon, hist)
         adapter_dir, size = saver.final(ended, mon)
-        keep_best(run, hist, ended, mon)
+        best_step = keep_best(run, hist, ended, mon)
+        outcome = judge(run, mon, hist, ended)
+        if not outcome.learned and best_step is not None:
+            adapter_dir, best_step = saver.promote_best(mon, best_step), None
     return RunResult(run_dir=run.run_dir, adapter_dir=adapter_dir, adapter_bytes=size, steps=ended,
                      train_losses=hist.train_losses, val_losses=hist.val_losses,
                      tokens_per_s=hist.tokens / max(hist.train_s, 1e-9), wall_s=time.perf_counter() - wall0,
-                     train_s=hist.train_s, trainable=run.trainable,
-                     best_step=hist.best.step if run.dir.best.is_dir() else None)
+                     train_s=hist.train_s, trainable=run.trainable, best_step=best_step, outcome=outcome)
+
+
+def diverged(run: Run, tr: Trainer, mon: Monitor) -> Finding | None:
+    """A reason to stop when the diagnostics found the loss diverging (every rank stops at the same step)."""
+    said = mon.diagnostics is not None and "loss_diverging" in mon.diagnostics.fired
+    if not any_rank(run.dist, said, tr.device):
+        return None
+    return Finding("stopped_diverging", tr.step, f"stopped at step {tr.step}: the training loss diverged (above); "
+                   "more steps would only take the model further from the base", {})
+
+
+def judge(run: Run, mon: Monitor, hist: History, ended: int) -> Outcome:
+    """Whether the run taught the model anything; a failure is recorded as the run's last event."""
+    fired = mon.diagnostics.fired if mon.diagnostics is not None else frozenset()
+    outcome = judge_outcome(fired, ended, hist.val_losses, hist.train_losses)
+    if not outcome.learned:
+        mon.event(f"the run did not teach the model: {outcome.reason}", name="run_failed", step=ended,
+                  show=False, check=outcome.check)
+    return outcome
 
 
 def diagnostics_for(run: Run, steps: int) -> Diagnostics | None:
@@ -419,16 +466,20 @@ def between_steps(run: Run, tr: Trainer, mon: Monitor, hist: History, saver: Sav
     return halt
 
 
-def keep_best(run: Run, hist: History, ended: int, mon: Monitor) -> None:
-    """Keep best/ only when a validation before the end beat the final one; say where it is."""
+def keep_best(run: Run, hist: History, ended: int, mon: Monitor) -> int | None:
+    """Keep best/ only when a validation before the end beat the final one, and say where it is; its step, or
+    None when the final adapter is the best (best/ is removed, and a record says so)."""
     best, final = hist.best, hist.val_losses[-1] if hist.val_losses else None
     if not run.dist.is_main or not run.dir.best.is_dir():
-        return
+        return None
     if final is None or best.step is None or best.step >= ended or final[1] <= best.loss:
-        shutil.rmtree(run.dir.best, ignore_errors=True)  # the final adapter is the best one
-        return
+        shutil.rmtree(run.dir.best, ignore_errors=True)
+        mon.event(f"the final adapter is the best one: {run.dir.best} (saved at a lower validation loss earlier) "
+                  f"was removed", name="best_removed", step=ended, show=False, path=str(run.dir.adapter))
+        return None
     mon.event(f"the lowest validation loss was {best.loss:.4f} at step {best.step} (final {final[1]:.4f}): its "
               f"adapter is in {run.dir.best}", name="best", step=best.step, val_loss=best.loss)
+    return best.step
 
 
 def due(every: int | None, step: int, steps: int) -> bool:
@@ -502,20 +553,39 @@ def restore(run: Run, tr: Trainer, state: TrainState, hist: History) -> None:
 
 def within_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, samples: Iterator[list[Example]],
                   wall0: float) -> tuple[int, Iterator[list[Example]]]:
-    """Time the first steps, fix the step count that ends within train.time_budget, and schedule to it."""
+    """Time the first steps, fix the step count that ends within train.time_budget, and schedule to it; a budget
+    too short to teach is refused here, before any update (unless train.short_budget says train)."""
     tcfg, wish = run.cfg.train, tr.total_steps
     head, samples = first_steps(samples)
+    mon.print(f"time budget {tcfg.time_budget}: {time.perf_counter() - wall0:.0f} s spent so far (loading, data, "
+              f"replay, validation); timing {len(head)} steps to fix the step count")
     step_s = time_steps(tr, head, mon) * mean_step_tokens(run.train_set, tcfg.samples_per_step)
-    budget = parse_duration(tcfg.time_budget)
-    steps = fit_steps(budget, time.perf_counter() - wall0, step_s, wish, hist.val_s, tcfg.eval_every)
-    steps = from_main(run.dist, steps)  # every rank runs rank 0's count
+    budget, spent = parse_duration(tcfg.time_budget), time.perf_counter() - wall0
+    steps = from_main(run.dist, fit_steps(budget, spent, step_s, wish, hist.val_s, tcfg.eval_every))
+    if steps < min(wish, MIN_TEACHING_STEPS):
+        too_short(run, mon, steps, needed_s(spent, step_s, hist.val_s, tcfg.eval_every, min(wish, MIN_TEACHING_STEPS)))
     tr.total_steps, tr.scheduler = steps, make_scheduler(tr.optimizer, tcfg, steps)
     mon.retarget(steps)
     mon.event(f"time budget {tcfg.time_budget}: a step takes {step_s:.2f} s (measured per token, at the data's "
               f"mean step length), so {steps} steps fit "
               f"(without the budget: {wish}); the schedule ends at step {steps}", name="time_budget",
-              steps=steps, wish=wish, step_s=step_s, budget_s=budget)
+              steps=steps, wish=wish, step_s=step_s, budget_s=budget, spent_s=spent)
     return steps, samples
+
+
+def too_short(run: Run, mon: Monitor, steps: int, need_s: float) -> None:
+    """A budget that fits fewer than MIN_TEACHING_STEPS steps: refused with the shortest that would, or noted."""
+    tcfg, shortest = run.cfg.train, shortest_budget(need_s)
+    message = (f"train.time_budget {tcfg.time_budget} fits only {steps} optimizer step(s) (the run has spent "
+               f"{time.perf_counter() - run.started:.0f} s loading, preparing and timing), too few to teach anything "
+               f"(at least {MIN_TEACHING_STEPS} are needed)")
+    if tcfg.short_budget == "refuse":
+        mon.event(message, name="budget_too_short", show=False, steps=steps, shortest=shortest)
+        raise DesktuneError(message, where="train.time_budget",
+                            fix=f"set train.time_budget: {shortest} or more (-o train.time_budget={shortest}), or "
+                            "train anyway with -o train.short_budget=train")
+    mon.event(f"{message}; training anyway (train.short_budget: train)", name="budget_too_short", steps=steps,
+              shortest=shortest)
 
 
 def refit_budget(run: Run, tr: Trainer, mon: Monitor, hist: History, wall0: float) -> int:
@@ -583,6 +653,12 @@ def announce(run: Run, mon: Monitor, device: torch.device) -> None:
     if stats.n_truncated:
         mon.event(f"{stats.n_truncated} sample(s) longer than max_seq_len={run.cfg.data.max_seq_len} were truncated",
                   name="truncated", truncated=stats.n_truncated)
+    if stats.n_skipped:  # the note with the rows was printed by setup
+        mon.event(f"{stats.n_skipped} bad row(s) skipped (data.bad_rows: skip)", name="bad_rows_skipped",
+                  show=False, skipped=stats.n_skipped)
+    if stats.n_ends_on_user:
+        mon.event(f"{stats.n_ends_on_user} conversation(s) end on a user turn", name="ends_on_user", show=False,
+                  conversations=stats.n_ends_on_user)
     if stats.n_dropped:
         mon.event(f"{stats.n_dropped} sample(s) had no token to train on and were dropped", name="dropped", show=False,
                   dropped=stats.n_dropped)
@@ -618,18 +694,26 @@ class Saver:
                                "data_fingerprint": data_fingerprint(run.cfg)})
 
     @contextmanager
-    def writing(self, folder: Path, what: str) -> Iterator[None]:
-        """A failed write of `folder` (a full disk) becomes one message naming it; the atomic write left the
-        folders saved before as they were."""
+    def writing(self, folder: Path, what: str, rescued: Path | None = None) -> Iterator[None]:
+        """A failed write of `folder` (a full disk) becomes one message naming it and saying only what is true of
+        what was kept; the atomic write left the folders saved before as they were."""
         try:
             yield
         except (OSError, SafetensorError) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
             full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise DesktuneError(
-                f"cannot write {what} ({why})", where=str(folder),
-                fix=("free space on that disk" if full else "make the run folder writable") + ", then continue "
-                f"with desktune train CONFIG --resume; {kept_note(self.run.dir.latest_checkpoint())}") from e
+            raise DesktuneError(f"cannot write {what} ({why})", where=str(folder),
+                                fix=("free space on that disk" if full else "make the run folder writable")
+                                + self._kept(rescued)) from e
+
+    def _kept(self, rescued: Path | None) -> str:
+        """What of the trained weights survives a failed write: a rescued copy, a checkpoint, or nothing."""
+        last = self.run.dir.latest_checkpoint()
+        if rescued is not None:
+            return f"; the trained adapter was written to {rescued} instead: move it to {self.run.dir.adapter}"
+        if last is not None:
+            return f", then continue with desktune train CONFIG --resume {self.run.run_dir} ({kept_note(last)})"
+        return "; no checkpoint of this run exists, so it must be trained again (checkpoint.every saves some)"
 
     def _weights(self) -> dict[str, torch.Tensor] | None:
         """FSDP2: the adapter gathered from every rank's shards (all ranks call); else the model saves its own."""
@@ -659,8 +743,33 @@ class Saver:
         if not self.run.dist.is_main:
             return folder
         with self.writing(folder, what):
-            return save_adapter(self.run.model, self.run.loaded.tokenizer, folder,
-                                base_path=self.run.loaded.base_path, meta={**self.meta, **meta}, weights=weights)
+            return self._write(folder, {**self.meta, **meta}, weights)
+
+    def _write(self, folder: Path, meta: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> Path:
+        return save_adapter(self.run.model, self.run.loaded.tokenizer, folder, base_path=self.run.loaded.base_path,
+                            meta=meta, weights=weights)
+
+    def _final(self, steps: int) -> Path:
+        """The final adapter; when its disk is full, a copy in the system's temporary folder keeps the weights."""
+        folder, meta, weights = self.run.dir.adapter, {**self.meta, "step": steps}, self._weights()
+        if not self.run.dist.is_main:
+            return folder
+        try:
+            with self.writing(folder, "the final adapter"):
+                return self._write(folder, meta, weights)
+        except DesktuneError as failed:
+            rescued = self._rescue(meta, weights)
+            if rescued is None:
+                raise
+            with self.writing(folder, "the final adapter", rescued):
+                raise failed.__cause__ from None  # the same failure, said with where the weights went
+
+    def _rescue(self, meta: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> Path | None:
+        """The final adapter in the system's temporary folder (None when that cannot be written either)."""
+        try:
+            return self._write(rescue_dir(self.run.run_dir), meta, weights)
+        except (OSError, SafetensorError):
+            return None
 
     def best(self, tr: Trainer, mon: Monitor, val_loss: float) -> Path:
         """The adapter of a new lowest validation loss, in best/ (replaced at each new best)."""
@@ -669,9 +778,20 @@ class Saver:
                   step=tr.step, show=False, val_loss=val_loss)
         return out
 
+    def promote_best(self, mon: Monitor, best_step: int) -> Path:
+        """A failed run's result is its best adapter: best/ becomes the adapter folder (the last weights are
+        dropped: they are what failed)."""
+        adapter, best = self.run.dir.adapter, self.run.dir.best
+        with self.writing(adapter, "the best adapter as the result"):
+            shutil.rmtree(adapter, ignore_errors=True)
+            best.rename(adapter)
+        mon.event(f"the result is the best adapter, of step {best_step}: moved from {best} to {adapter}",
+                  name="best_promoted", step=best_step, path=str(adapter))
+        return adapter
+
     def final(self, steps: int, mon: Monitor) -> tuple[Path, int]:
         """The final adapter folder and its weights' size (0 on ranks that do not write)."""
-        out = self._adapter(self.run.dir.adapter, "the final adapter", {"step": steps})
+        out = self._final(steps)
         size = adapter_size(out) if self.run.dist.is_main else 0
         mon.saved(steps, out, size)
         return out, size
