@@ -15,14 +15,18 @@ Systems, each trained in its own process on the same chats:
      accumulation 4, linear schedule), stopped when its training loop has run as long as (a)'s
   c  desktune with the seed's settings (same LoRA, lr, batch) and the same time budget
   d  (a) with the base in 4-bit NF4 (QLoRA), scored on that NF4 base
-Forgetting of (a) and (c): desktune eval's metric (% loss increase on the base's own answers to the built-in
-general reference).
+Forgetting of (a) and (c): desktune eval's forgetting verdict (scoring/verdict.py; kept / some forgetting /
+forgot, the worst measure decides) and its measures: the % loss increase on conversations written by people
+(human_loss_pct), the share of the base's right knowledge-probe answers kept (knowledge_kept_pct), KL(base ||
+tuned) in nats per token on the base's answers to the built-in general reference (kl), and the % loss increase
+on those answers (forgetting_pct: the old headline, which replay can hide).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/teaches.py [--budget 6m] [--systems a,b,c,d] [--task facts]
 
 Needs the [bench] extra for (b): .venv/bin/pip install -e ".[bench]".
 Last line: RESULT teach_acc=<x> seed_recipe_acc=<x> seed_settings_acc=<x> qlora_acc=<x> forgetting_pct=<x>
-seed_settings_forgetting_pct=<x> train_s=<x>
+human_loss_pct=<x> knowledge_kept_pct=<x> kl=<x> verdict=<kept|some_forgetting|forgot>
+seed_settings_forgetting_pct=<x> seed_settings_verdict=<...> train_s=<x>
 """
 
 from __future__ import annotations
@@ -135,8 +139,11 @@ SEED_SETTINGS = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.05",
 def desktune_system(name: str, train_file: Path, work: Path, budget: str, extra: list[str]) -> dict[str, Any]:
     """Train with the desktune CLI in its own process; the run folder and its training-loop seconds."""
     cfg = work / f"{name}.yaml"
-    cfg.write_text(json.dumps({"data": {"train": str(train_file)}, "output_dir": str(work / "runs"),
-                               "run_name": name, "train": {"time_budget": budget, "threads": os.cpu_count()}}))
+    # val_fraction 0: every fact's rows stay in training (the held-out questions ask them back), as in earlier runs;
+    # short_budget train: a loaded machine that fits few steps still gives this system's numbers
+    cfg.write_text(json.dumps({"data": {"train": str(train_file), "val_fraction": 0}, "output_dir": str(work / "runs"),
+                               "run_name": name, "train": {"time_budget": budget, "threads": os.cpu_count(),
+                                                           "short_budget": "train"}}))
     t0 = time.perf_counter()
     overrides = [x for o in extra for x in ("-o", o)]
     subprocess.run([sys.executable, "-m", "desktune.cli", "train", str(cfg), *overrides], check=True,
@@ -209,14 +216,30 @@ def replies_of(adapter: str, quant: str, questions: list[str]) -> list[str]:
     return replies(loaded.model, loaded.tokenizer, chats, max_new_tokens=ANSWER_TOKENS, batch_size=16)
 
 
-def forgetting_pct(adapter: str) -> float:
+def human_text(adapter: str, quant: str) -> Any:
+    """The adapter's loss on the shipped human-written conversations against its base's (scoring/human.py)."""
+    from desktune.evaluation.results import HumanText
+    from desktune.inference import load_for_inference
+    from desktune.scoring.human import human_heldout
+
+    loaded = load_for_inference(None, adapter, quant=quant)
+    return HumanText.of(human_heldout(loaded.model, loaded.tokenizer, micro_batch_size=8,
+                                      device=loaded.hardware.device, max_seq_len=1024))
+
+
+def forgetting(adapter: str, quant: str) -> dict[str, Any]:
+    """desktune eval's forgetting verdict and its measures (the held-out part is skipped: a one-row stand-in)."""
     from desktune.evaluation.run import EvalRequest, evaluate
 
     held = Path(adapter).parent / "held.jsonl"
     held.write_text(json.dumps({"text": "a"}) + "\n")
-    r = evaluate(EvalRequest(adapter=Path(adapter), data=str(held), probe=False, nf4=False,
-                             out=Path(adapter).parent / "eval.json"))
-    return r.forgetting.loss_increase_pct
+    r = evaluate(EvalRequest(adapter=Path(adapter), data=str(held), nf4=False, out=Path(adapter).parent / "eval.json"))
+    if r.human is None:  # eval did not measure the human-written text: measure it here
+        r.human = human_text(adapter, quant)
+    m, v = r.measures, r.verdict
+    return {"forgetting_pct": m.base_answers_loss_pct, "human_loss_pct": m.human_loss_pct,
+            "knowledge_kept_pct": m.knowledge_kept_pct, "kl": m.kl, "verdict": v.level.replace(" ", "_"),
+            "sentence": v.sentence}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,14 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         runs["b"] = trl_system(train_file, work, seconds, steps, resolve_source("smollm2-135m-instruct"), dtype)
     acc = {k: score(replies_of(r["adapter"], r["quant"], [q for q, _ in held]), held, args.task)
            for k, r in runs.items()}
-    forget = {k: forgetting_pct(runs[k]["adapter"]) for k in ("a", "c") if k in runs}
+    forget = {k: forgetting(runs[k]["adapter"], runs[k]["quant"]) for k in ("a", "c") if k in runs}
     for k, r in runs.items():
         print(f"{k}: accuracy {acc[k]:.3f}  steps {r['steps']}  training loop {r['train_s']:.0f} s"
-              + (f"  forgetting {forget[k]:+.1f}%" if k in forget else ""))
+              + (f"  forgetting verdict {forget[k]['sentence']}" if k in forget else ""))
     get = lambda d, k: f"{d[k]:.3f}" if k in d else "nan"  # noqa: E731
+    fa, fc = forget.get("a", {}), forget.get("c", {})
+    of = lambda f, k: "nan" if f.get(k) is None else f"{f[k]:.3f}"  # noqa: E731
     print(f"RESULT teach_acc={get(acc, 'a')} seed_recipe_acc={get(acc, 'b')} seed_settings_acc={get(acc, 'c')} "
-          f"qlora_acc={get(acc, 'd')} forgetting_pct={get(forget, 'a')} "
-          f"seed_settings_forgetting_pct={get(forget, 'c')} train_s={runs.get('a', {}).get('train_s', 0):.0f}")
+          f"qlora_acc={get(acc, 'd')} forgetting_pct={of(fa, 'forgetting_pct')} "
+          f"human_loss_pct={of(fa, 'human_loss_pct')} knowledge_kept_pct={of(fa, 'knowledge_kept_pct')} "
+          f"kl={of(fa, 'kl')} verdict={fa.get('verdict', 'nan')} "
+          f"seed_settings_forgetting_pct={of(fc, 'forgetting_pct')} seed_settings_verdict={fc.get('verdict', 'nan')} "
+          f"train_s={runs.get('a', {}).get('train_s', 0):.0f}")
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from desktune.errors import DesktuneError
-from desktune.evaluation.results import Answer, EvalResult, Forgetting, Probe, Score, write_result
+from desktune.evaluation.results import Answer, EvalResult, Forgetting, HumanText, Probe, Score, write_result
 from desktune.reporting.html import write_report
 from desktune.reporting.svg import nice_ticks, tick_label
 from desktune.reporting.tensorboard import write_tensorboard
@@ -52,6 +52,8 @@ def _eval_result(run: RunDir) -> EvalResult:
         base=Score(2.3456, 1200), tuned=Score(1.2345, 1200), bit16_base=Score(2.3456, 1200), nf4_base=Score(2.4, 1200),
         forgetting=Forgetting(reference="built-in general set", prompts=16, base=Score(0.8, 900), tuned=Score(0.9, 900),
                               kl=0.0321, probe=Probe(questions=20, base_correct=15, tuned_correct=14, kept=13)),
+        human=HumanText(reference="human-written conversations (60)", conversations=60, base=Score(2.0, 2400),
+                        tuned=Score(2.1, 2400), kl=0.05),
         answers=[Answer("What is the capital of France?", "Paris is the capital.", "Paris.")],
         seconds=12.3, notes=["the NF4 base was loaded with torchao"])
 
@@ -211,11 +213,25 @@ def test_the_page_shows_diagnostics_events_and_eval_numbers(rendered):
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
     assert DIAGNOSIS in text and "loss_flat" in text
     assert "3 examples were cut to max_seq_len" in text
-    for number in ("2.3456", "1.2345", "3.44", "+2.32%", "+12.50%", "0.0321", "86.7%", "13 of 15 kept"):
+    for number in ("2.3456", "1.2345", "3.44", "+2.32%", "+12.50%", "0.0321", "86.7%", "13 of 15 kept", "+5.00%"):
         assert number in text, number
+    assert "Forgetting verdict: some forgetting - knowledge kept 86.7%" in text
     assert "Paris is the capital." in text  # the answers table
     assert "max_steps: 30" in text  # the resolved config
     assert re.search(r"steps\s*30\b", text) and "final train loss" in text
+
+
+def test_the_forgetting_verdict_heads_the_evaluation(written, tmp_path):
+    html = written["html"]
+    verdict = html.index('<p class="verdict some-forgetting">')
+    assert html.index('id="eval"') < verdict < html.index("Held-out loss")
+    assert "loss increase on human-written text" in html
+    old = make_run(tmp_path)  # an eval.json written before the human text was measured still makes a page
+    result = _eval_result(old)
+    write_result(EvalResult(**{**result.__dict__, "human": None}), old.eval)
+    page = write_report(old.path).read_text(encoding="utf-8")
+    assert "some forgetting - knowledge kept 86.7%" in page and "not measured: human-text loss" in page
+    assert "loss increase on human-written text" not in page
 
 
 def test_the_screenshot_is_painted(rendered):

@@ -1,5 +1,6 @@
-"""What the loop watches on a real (tiny) run: the best adapter, early stopping, forgetting during training,
-diagnostics before and during training, and memory telemetry in every step record."""
+"""What the loop watches on a real (tiny) run: the best adapter, early stopping, forgetting during training (the
+verdict over the reference and human-written text), diagnostics before and during training, and memory telemetry
+in every step record."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import pytest
 from desktune.config import load_config
 from desktune.runs import EventRecord, ForgettingRecord, RunDir, TrainRecord, read_records, records_of
 from desktune.runs.layout import META
+from desktune.scoring.divergence import Divergence
+from desktune.scoring.forgetting import ReferenceSet
+from desktune.scoring.human import HumanHeldout
+from desktune.scoring.verdict import FORGOT, KEPT
 from desktune.training import loop
 from desktune.training.loop import train
+from desktune.training.watch import ForgettingWatch
 from tests.tiny import tiny_config
 
 
@@ -73,8 +79,30 @@ def test_forgetting_measured_during_training(tiny_model_dir, tmp_path):
     assert [r.step for r in recs] == [2, 4]
     assert all(r.kl > 0 for r in recs) and recs[1].kl > recs[0].kl  # the adapter moves further from the base
     assert _checks(result.run_dir).count("forgetting") == 1  # warned once
+    warning = next(e for e in _events(result.run_dir, "diagnosis") if e.data["check"] == "forgetting")
+    assert "forgetting verdict" in warning.message and warning.data["verdict"] != KEPT
+    assert warning.data["human_loss_pct"] is not None  # the human-written text was measured too
     assert result.steps == 6  # a warning only: train.forgetting_stop is off
     assert _events(result.run_dir, "forgetting_reference")[0].data["cached"] is False
+
+
+def _watch_with(human_pct: float) -> ForgettingWatch:
+    """A watch whose latest human-text measurement rose by `human_pct` (base loss 3.0)."""
+    watch = ForgettingWatch(ReferenceSet(name="reference", examples=[], cached=True))
+    watch.human = HumanHeldout(name="human", conversations=60, divergence=Divergence(
+        base_loss=3.0, tuned_loss=3.0 * (1 + human_pct / 100), kl=0.2, target_tokens=2400))
+    return watch
+
+
+def test_the_live_warning_is_the_verdict_and_human_text_cannot_hide(tiny_model_dir, tmp_path):
+    cfg = load_config(tiny_config(tiny_model_dir, tmp_path))
+    looks_better = ForgettingRecord(step=8, base_loss=1.0, tuned_loss=0.929, loss_increase_pct=-7.1, kl=0.1)
+    found = _watch_with(26.3).judge(cfg, looks_better)  # issue 33: the base's answers -7.1%, human text +26.3%
+    assert found is not None and found.data["verdict"] == FORGOT and found.data["decided_by"] == "human-text loss"
+    assert "forgot - human-text loss +26.3%" in found.message and "the base's answers -7.1%" in found.message
+    assert _watch_with(3.0).judge(cfg, looks_better) is None  # every measure kept: nothing said
+    kl_far = ForgettingRecord(step=8, base_loss=1.0, tuned_loss=1.0, loss_increase_pct=0.0, kl=0.75)
+    assert _watch_with(3.0).judge(cfg, kl_far).data["decided_by"] == "KL(base || tuned)"
 
 
 def test_forgetting_stop(tiny_model_dir, tmp_path):

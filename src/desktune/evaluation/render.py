@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from desktune.evaluation.results import EvalResult, Score
+from desktune.scoring.verdict import FORGOT, KEPT, SOME
 
 
 def _ppl(s: Score | None) -> str:
@@ -16,7 +18,7 @@ def scores_table(r: EvalResult) -> Table:
     """Held-out loss and perplexity, base vs tuned, and the 4-bit base against the 16-bit base."""
     t = Table(title=f"Held-out: {r.data}", show_header=True)
     t.add_column("model")
-    t.add_column("loss per target token (perplexity)", justify="right")
+    t.add_column("loss per target token (perplexity)", justify="right", no_wrap=True)
     t.add_row("base", _ppl(r.base))
     if r.tuned is not None:
         label = "base + adapter" if r.tuned_16bit is None else "NF4 base + adapter (merge --into dequantized)"
@@ -30,17 +32,32 @@ def scores_table(r: EvalResult) -> Table:
     return t
 
 
+VERDICT_STYLES = {KEPT: "bold green", SOME: "bold yellow", FORGOT: "bold red"}
+
+
+def verdict_line(r: EvalResult) -> Text | None:
+    """The forgetting verdict in one line: the level, the measure that decided it and its number."""
+    v = r.verdict
+    return None if v is None else Text(f"forgetting verdict: {v.sentence}", style=VERDICT_STYLES[v.level])
+
+
 def forgetting_table(r: EvalResult) -> Table | None:
-    """Loss increase and KL on the reference, and knowledge-probe retention."""
-    f = r.forgetting
-    if f is None:
+    """Loss increase on human-written text and on the reference, KL, and knowledge-probe retention."""
+    f, h = r.forgetting, r.human
+    if f is None and h is None:
         return None
-    t = Table(title=f"Forgetting: {f.reference}", show_header=True)
+    t = Table(title=f"Forgetting: {f.reference}" if f is not None else "Forgetting", show_header=True)
     t.add_column("measure")
-    t.add_column("value", justify="right")
+    t.add_column("value", justify="right", no_wrap=True)
+    if h is not None:
+        t.add_row(f"human-written text: base / tuned loss ({h.conversations} conversations)",
+                  f"{h.base.loss:.4f} / {h.tuned.loss:.4f}")
+        t.add_row("human-written text: loss increase", f"{h.loss_increase_pct:+.2f}%")
+    if f is None:
+        return t
     t.add_row("base loss on its own answers", f"{f.base.loss:.4f}")
     t.add_row("tuned loss on the base's answers", f"{f.tuned.loss:.4f}")
-    t.add_row("loss increase", f"{f.loss_increase_pct:+.2f}%")
+    t.add_row("loss increase on the base's answers", f"{f.loss_increase_pct:+.2f}%")
     t.add_row("mean KL(base || tuned) per token", f"{f.kl:.4f} nats")
     if f.probe is not None:
         p = f.probe
@@ -60,13 +77,14 @@ def answers_table(r: EvalResult) -> Table | None:
     t.add_column("base", ratio=2)
     t.add_column("tuned", ratio=2, style="green")
     for a in r.answers:
-        t.add_row(a.prompt, a.base, a.tuned)
+        t.add_row(Text(a.prompt), Text(a.base), Text(a.tuned))  # a model's answer is text, never markup
     return t
 
 
 def render(r: EvalResult) -> Group:
-    """Every table of a result, then its notes."""
-    parts = [t for t in (scores_table(r), forgetting_table(r), answers_table(r)) if t is not None]
-    parts += [f"note: {n}" for n in r.notes]
+    """The forgetting verdict as the headline, every table of a result, then its notes."""
+    parts: list[RenderableType] = [t for t in (verdict_line(r), scores_table(r), forgetting_table(r), answers_table(r))
+                                   if t is not None]
+    parts += [Text(f"note: {n}") for n in r.notes]  # a note is text: a path like data[v2].jsonl is not markup
     parts.append(f"[dim]evaluated in {r.seconds:.0f} s[/]")
     return Group(*parts)

@@ -6,10 +6,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from desktune.errors import DesktuneError
 from desktune.runs.atomic import write_text_atomically
+from desktune.scoring.verdict import Measures, Verdict, verdict
+
+if TYPE_CHECKING:  # scoring.human needs torch; this module must not
+    from desktune.scoring.human import HumanHeldout
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,32 @@ class Forgetting:
 
 
 @dataclass(frozen=True)
+class HumanText:
+    """Conversations written by people (shipped, held out from any training): assistant-turn loss base vs tuned."""
+
+    reference: str
+    conversations: int
+    base: Score
+    tuned: Score
+    kl: float  # mean KL(base || tuned) per target token, in nats
+
+    @classmethod
+    def of(cls, h: HumanHeldout) -> HumanText:
+        """The result of scoring.human.human_heldout, as eval.json keeps it."""
+        d = h.divergence
+        return cls(reference=h.name, conversations=h.conversations, base=Score(d.base_loss, d.target_tokens),
+                   tuned=Score(d.tuned_loss, d.target_tokens), kl=d.kl)
+
+    @property
+    def loss_increase_pct(self) -> float:
+        """How much less likely the tuned model finds what people wrote than the base does: mean token loss, % (NaN
+        when a loss is not finite)."""
+        if not (math.isfinite(self.base.loss) and math.isfinite(self.tuned.loss)):
+            return math.nan
+        return 100.0 * (self.tuned.loss - self.base.loss) / self.base.loss if self.base.loss > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class Answer:
     """One prompt answered by the base and by the tuned model."""
 
@@ -80,6 +110,7 @@ class EvalResult:
     # it trained against, which `merge --into dequantized` reproduces
     tuned_16bit: Score | None = None
     forgetting: Forgetting | None = None
+    human: HumanText | None = None  # absent from eval.json files written before it was measured
     answers: list[Answer] = field(default_factory=list)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part: held_out, forgetting, answers, nf4
@@ -91,6 +122,21 @@ class EvalResult:
         if self.nf4_base is None or self.bit16_base is None or self.bit16_base.loss <= 0:
             return None
         return 100.0 * (self.nf4_base.loss - self.bit16_base.loss) / self.bit16_base.loss
+
+    @property
+    def measures(self) -> Measures:
+        """What the forgetting verdict weighs, as far as this eval measured it."""
+        f, h = self.forgetting, self.human
+        probe = f.probe if f is not None else None
+        return Measures(human_loss_pct=h.loss_increase_pct if h is not None and h.base.target_tokens else None,
+                        knowledge_kept_pct=100.0 * probe.retention if probe is not None else None,
+                        kl=f.kl if f is not None else None,
+                        base_answers_loss_pct=f.loss_increase_pct if f is not None else None)
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The forgetting verdict (scoring/verdict.py): the worst of the measures decides; None without any."""
+        return verdict(self.measures)
 
 
 def _score(obj: dict[str, Any] | None) -> Score | None:
@@ -112,6 +158,10 @@ def _with_derived(obj: Any) -> Any:
             out["forgetting"]["loss_increase_pct"] = f.loss_increase_pct
             if f.probe is not None:
                 out["forgetting"]["probe"]["retention"] = f.probe.retention
+        if obj.human is not None:
+            out["human"]["loss_increase_pct"] = obj.human.loss_increase_pct
+        v = obj.verdict
+        out["verdict"] = None if v is None else v.to_dict()
     return out
 
 
@@ -130,8 +180,15 @@ def write_result(result: EvalResult, path: Path) -> None:
     write_text_atomically(path, json.dumps(_clean(_with_derived(result)), indent=2, ensure_ascii=False) + "\n")
 
 
+def _human(obj: dict[str, Any] | None) -> HumanText | None:
+    if obj is None:
+        return None
+    return HumanText(reference=obj["reference"], conversations=obj["conversations"], base=_score(obj["base"]),
+                     tuned=_score(obj["tuned"]), kl=math.nan if obj["kl"] is None else obj["kl"])
+
+
 def read_result(path: Path) -> EvalResult:
-    """Read an eval.json written by `write_result`."""
+    """Read an eval.json written by `write_result` (any version: parts measured later are None in older files)."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
         forgetting = obj.get("forgetting")
@@ -146,6 +203,7 @@ def read_result(path: Path) -> EvalResult:
             base_model=obj["base_model"], adapter=obj.get("adapter"), data=obj["data"], base=_score(obj["base"]),
             tuned=_score(obj.get("tuned")), bit16_base=_score(obj.get("bit16_base")),
             nf4_base=_score(obj.get("nf4_base")), tuned_16bit=_score(obj.get("tuned_16bit")), forgetting=forgetting,
+            human=_human(obj.get("human")),
             answers=[Answer(**a) for a in obj.get("answers", [])], seconds=obj.get("seconds", 0.0),
             timings=dict(obj.get("timings", {})),
             notes=list(obj.get("notes", [])))

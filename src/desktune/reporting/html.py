@@ -45,6 +45,9 @@ svg .grid { stroke: #ececec; } svg .axis { stroke: #555; }
 svg .frame { fill: #fafafa; stroke: #e0e0e0; } svg .no-data { font-size: 18px; fill: #888; }
 pre { background: #f7f7f7; border: 1px solid #e0e0e0; padding: 12px; overflow-x: auto; }
 p.none { color: #777; font-style: italic; }
+p.verdict { padding: 8px 12px; border-left: 6px solid; } p.kept { border-color: #2e7d32; background: #edf7ed; }
+p.some-forgetting { border-color: #f9a825; background: #fff8e1; }
+p.forgot { border-color: #c62828; background: #fdecea; }
 """
 
 
@@ -145,15 +148,29 @@ def _score_row(label: str, score: Score | None) -> list[str]:
     return [label, _fmt(score.loss), _fmt(score.perplexity, ".2f"), str(score.target_tokens)]
 
 
+def _verdict(result: EvalResult) -> str:
+    """The forgetting verdict, one line: its level, the measure that decided it and that measure's number."""
+    v = result.verdict
+    if v is None:
+        return ""
+    return (f'<p class="verdict {v.level.replace(" ", "-")}"><strong>Forgetting verdict:</strong> '
+            f"{escape(v.sentence)}</p>")
+
+
 def _forgetting(result: EvalResult) -> str:
-    """Loss increase on the base's own answers, KL, and the knowledge probe's retention."""
-    f = result.forgetting
-    if f is None:
+    """Loss increase on human-written text and on the base's own answers, KL, and the knowledge probe's retention."""
+    f, h = result.forgetting, result.human
+    if f is None and h is None:
         return _none("forgetting: not measured")
-    rows = [["reference", f.reference],
-            ["loss increase on the base's answers", _fmt(f.loss_increase_pct, "+.2f", "%")],
-            ["KL(base || tuned), nats/token", _fmt(f.kl)]]
-    if f.probe is not None:
+    rows = []
+    if h is not None:
+        rows += [["human-written text", f"{h.reference}: loss {_fmt(h.base.loss)} (base) / {_fmt(h.tuned.loss)} "
+                  "(tuned)"], ["loss increase on human-written text", _fmt(h.loss_increase_pct, "+.2f", "%")]]
+    if f is not None:
+        rows += [["reference", f.reference],
+                 ["loss increase on the base's answers", _fmt(f.loss_increase_pct, "+.2f", "%")],
+                 ["KL(base || tuned), nats/token", _fmt(f.kl)]]
+    if f is not None and f.probe is not None:
         p = f.probe
         rows += [["probe retention", f"{_fmt(100 * p.retention, '.1f', '%')} ({p.kept} of {p.base_correct} kept)"],
                  ["probe correct (base / tuned)", f"{p.base_correct} / {p.tuned_correct} of {p.questions}"]]
@@ -161,7 +178,8 @@ def _forgetting(result: EvalResult) -> str:
 
 
 def _eval(result: EvalResult) -> str:
-    """Held-out loss and perplexity base vs tuned (and base 16-bit vs NF4), the NF4 penalty, forgetting, notes."""
+    """The forgetting verdict first; held-out loss and perplexity base vs tuned (and base 16-bit vs NF4), the NF4
+    penalty, forgetting, notes."""
     facts = [["base model", result.base_model], ["adapter", result.adapter or "none"], ["data", result.data],
              ["NF4 penalty", _fmt(result.nf4_penalty_pct, "+.2f", "%")], ["seconds", _fmt(result.seconds, ".1f")]]
     scores = [_score_row("base", result.base), _score_row("tuned", result.tuned)]
@@ -170,7 +188,7 @@ def _eval(result: EvalResult) -> str:
     if result.tuned_16bit is not None:  # a QLoRA run's adapter on the original 16-bit weights
         scores.append(_score_row("tuned, adapter on the 16-bit base", result.tuned_16bit))
     notes = "".join(f"<li>{escape(n)}</li>" for n in result.notes)
-    return (_table(["", "value"], facts, "eval-facts", align=False) + "<h3>Held-out loss</h3>"
+    return (_verdict(result) + _table(["", "value"], facts, "eval-facts", align=False) + "<h3>Held-out loss</h3>"
             + _table(["model", "loss", "perplexity", "target tokens"], scores, "eval-scores")
             + _forgetting(result) + (f"<h3>Notes</h3><ul>{notes}</ul>" if notes else ""))
 
