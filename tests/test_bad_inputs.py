@@ -237,7 +237,8 @@ def _merge_output_under_a_file(c: Ctx) -> tuple[list[str], list[str], str]:
     blocker = c.tmp / "exports"
     blocker.write_text("a file where a folder should be\n")
     out = blocker / "merged"
-    return (["merge", str(c.adapter), "--output", str(out)], [f"{out}: cannot create the output folder: {blocker} is a file"],
+    return (["merge", str(c.adapter), "--output", str(out)],
+            [f"{out}: cannot create the output folder: {blocker} is a file"],
             "choose a folder in a writable place")
 
 

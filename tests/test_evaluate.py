@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -68,14 +69,83 @@ def test_a_qlora_run_shows_its_adapter_on_both_bases(tiny_model_dir, tmp_path):
                                 nf4=False)).tuned_16bit is None
 
 
-def test_second_eval_reuses_the_base_answers(tiny_run, tmp_path):
+def test_second_eval_reuses_the_base_answers(tiny_run, tmp_path, monkeypatch):
+    from desktune.scoring import divergence
+
     first = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "a.json", nf4=False))
-    cached = list((tmp_path / "cache" / "reference").glob("*.json"))
-    assert len(cached) == 2  # general answers and probe answers
-    stamp = [p.stat().st_mtime_ns for p in cached]
+    cached = list((tmp_path / "cache" / "reference").glob("*.jsonl"))
+    assert len(cached) == 2  # general answers and probe answers: one file per model and answer length
+    states = list((tmp_path / "cache" / "reference" / "states").glob("*.safetensors"))
+    assert 5 <= len(states) <= 11  # the base's hidden states on the reference, a tenth a file
+    stamp = [p.stat().st_mtime_ns for p in [*cached, *states]]
+    base_passes, real = [], divergence._base_hidden
+    monkeypatch.setattr(divergence, "_base_hidden", lambda *a: base_passes.append(1) or real(*a))
     again = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "b.json", nf4=False))
-    assert [p.stat().st_mtime_ns for p in cached] == stamp
+    assert [p.stat().st_mtime_ns for p in [*cached, *states]] == stamp
+    assert base_passes == []  # the base's forward pass over the reference is not run again
     assert again.forgetting == first.forgetting
+
+
+def test_the_base_score_loaded_the_other_way_is_cached(tiny_run, tmp_path, monkeypatch):
+    from desktune.evaluation import run
+
+    first = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "a.json", forgetting=False))
+    loads, real = [], run.load
+    monkeypatch.setattr(run, "load", lambda *a, **kw: loads.append(kw.get("quant")) or real(*a, **kw))
+    again = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "b.json", forgetting=False))
+    assert loads == [None]  # the run's own load only: the NF4 base is not loaded and quantized again
+    assert again.nf4_base == first.nf4_base and again.bit16_base == first.bit16_base
+
+
+def _said(console: Console, label: str) -> list[str]:
+    lines = [line.strip() for line in console.export_text(clear=False).splitlines()]
+    return [line for line in lines if line.startswith(f"{label}:")]
+
+
+def test_every_phase_counts_what_it_has_done(tiny_run, tmp_path):
+    console = Console(record=True, width=60, file=io.StringIO())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("what is the fox?\nwhat is the sea?\n")
+    result = evaluate(EvalRequest(run_dir=tiny_run.run_dir, prompts=str(prompts), out=tmp_path / "e.json"), console)
+    general = _said(console, "built-in general prompts")
+    assert general[0].startswith("built-in general prompts: the base answers 224 of 224 prompts (0 cached)")
+    counts = [line.split(" (")[0] for line in general[1:]]
+    assert 3 <= len(counts) <= 11 and counts[-1] == "built-in general prompts: 224/224"  # per batch, no flood
+    scored = result.forgetting.prompts  # the reference's answers that fit max_seq_len
+    for label, total in (("reference scored, base and tuned", scored), ("knowledge probe, base", 136),
+                         ("knowledge probe, tuned", 136), ("answers, base", 2), ("answers, tuned", 2),
+                         ("held-out, tuned and base", 2), ("4-bit cost, load and score", 2)):
+        said = _said(console, label)
+        assert said and said[-1].split(" (")[0] == f"{label}: {total}/{total}", label
+    assert all(len(line) > 60 for line in general[:1])  # a long line is never wrapped when piped
+    again = Console(record=True, width=60, file=io.StringIO())
+    evaluate(EvalRequest(run_dir=tiny_run.run_dir, prompts=str(prompts), nf4=False, out=tmp_path / "f.json"), again)
+    assert _said(again, "built-in general prompts") == ["built-in general prompts: the base's 224 answers from the "
+                                                         "cache"]
+    assert _said(again, "answers, base") == ["answers, base: the base's 2 answers from the cache"]
+
+
+def test_a_stopped_eval_keeps_the_answers_made(tiny_run, tmp_path, monkeypatch):
+    from desktune.evaluation.run import Evaluation
+    from desktune.scoring import forgetting
+
+    say, made = Evaluation.say, []
+
+    def stop_at_a_count(self, text):  # Ctrl-C as the first batch of the base's answers is counted
+        say(self, text)
+        if text.startswith("  built-in general prompts: "):
+            made.append(int(text.split(": ")[1].split("/")[0]))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Evaluation, "say", stop_at_a_count)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "a.json", nf4=False, probe=False))
+    monkeypatch.setattr(Evaluation, "say", say)
+    asked, real = [], forgetting.replies
+    monkeypatch.setattr(forgetting, "replies", lambda m, t, chats, **kw: asked.append(len(chats)) or real(m, t, chats,
+                                                                                                          **kw))
+    evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "b.json", nf4=False, probe=False))
+    assert 0 < made[0] < 224 and asked == [224 - made[0]]  # the answers made before the stop were kept
 
 
 def test_eval_of_an_adapter_on_a_data_file(tiny_run, tmp_path, tiny_model_dir):
@@ -101,7 +171,7 @@ def test_user_reference_and_prompts(tiny_run, tmp_path):
 
 def test_cli_prints_the_tables_and_writes_the_json(tiny_run, tmp_path):
     out = tmp_path / "cli.json"
-    res = CliRunner().invoke(cli.app, ["eval", str(tiny_run.run_dir), "--no-probe", "--no-nf4", "-o", str(out)],
+    res = CliRunner().invoke(cli.app, ["eval", str(tiny_run.run_dir), "--no-probe", "--no-nf4", "--output", str(out)],
                              env={"COLUMNS": "160"})
     assert res.exit_code == 0, res.output
     for text in ("Held-out", "base + adapter", "Forgetting", "loss increase", "KL"):

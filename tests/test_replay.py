@@ -96,3 +96,53 @@ def test_only_the_replayed_prompts_are_answered():
     ref = Reference(name="built-in replay prompts (5)", prompts=list("abcde"))
     assert used(ref, 3).prompts == ["a", "b", "c"] and used(ref, 3).name.endswith("(3 of 5 prompts)")
     assert used(ref, 9) is ref
+
+
+def _chats(path, rows: int):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is the sea {i}?"},
+                                                     {"role": "assistant", "content": f"ahoy {i}"}]}) + "\n"
+                            for i in range(rows)))
+    return path
+
+
+def _spy_replies(monkeypatch) -> list[int]:
+    from desktune.scoring import forgetting
+
+    asked, real = [], forgetting.replies
+
+    def spy(model, tokenizer, chats, **kw):
+        asked.append(len(chats))
+        return real(model, tokenizer, chats, **kw)
+
+    monkeypatch.setattr(forgetting, "replies", spy)
+    return asked
+
+
+def test_a_second_dataset_reuses_the_replay_answers(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DESKTUNE_CACHE", str(tmp_path / "cache"))
+    asked = _spy_replies(monkeypatch)
+
+    def replay_note(rows: int) -> str:
+        data = _chats(tmp_path / f"train-{rows}.jsonl", rows)
+        raw = tiny_config(tiny_model_dir, tmp_path, data={"train": str(data), "replay": 0.25, "val_fraction": 0})
+        return next(c for c in setup(load_config(raw), quiet=True).chosen if c.startswith("replay:"))
+
+    assert "4 of 4 generated in" in replay_note(12) and asked == [4]  # 4 built-in prompts answered and cached
+    assert "from the cache" in replay_note(9) and asked == [4]  # another dataset: 3 of those prompts, no generation
+    assert "2 of 6 generated in" in replay_note(18) and asked == [4, 2]  # a larger share: only the 2 missing
+
+
+def test_replay_generation_counts_what_it_has_made(tiny_model_dir, tmp_path, monkeypatch):
+    from desktune.models.gguf import cache_dir
+    from desktune.training.replay import replay_set
+
+    monkeypatch.setenv("DESKTUNE_CACHE", str(tmp_path / "cache"))
+    data = _chats(tmp_path / "train.jsonl", 12)
+    raw = tiny_config(tiny_model_dir, tmp_path, data={"train": str(data), "val_fraction": 0})
+    run = setup(load_config(raw), quiet=True)  # replay 0: nothing generated yet
+    said: list[str] = []
+    cfg = load_config({**raw, "data": {**raw["data"], "replay": 0.25}})
+    replay_set(cfg, run.model, run.loaded.tokenizer, run.loaded.base_path, run.loaded.hardware.dtype, 12,
+               cache_dir() / "reference", say=said.append)
+    assert said[0] == "built-in replay prompts: the base answers 4 of 4 prompts (0 cached)"
+    assert said[-1].startswith("  built-in replay prompts: 4/4 (")

@@ -48,7 +48,7 @@ def test_a_signal_then_the_printed_resume_command(tiny_model_dir, tmp_path, sig)
     run = RunDir(tmp_path / "runs" / "sig")
     _wait_for_steps(run.metrics, proc)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "stopped after step" in err
     resume = next(line for line in err.splitlines() if line.startswith("resume with: "))[len("resume with: "):]

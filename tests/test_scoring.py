@@ -14,13 +14,15 @@ from desktune.config import LoraConfig
 from desktune.data import Sample, collate, encode_samples
 from desktune.errors import DesktuneError
 from desktune.scoring.divergence import divergence
-from desktune.scoring.forgetting import is_right, normalise, probe, reference_set
+from desktune.scoring.forgetting import answer_key, base_answers, is_right, normalise, probe, reference_set
+from desktune.scoring.generate import Progress, replies
 from desktune.scoring.reference import (
+    AnswerKey,
+    AnswerStore,
     Question,
     Reference,
     builtin_probe,
     builtin_reference,
-    cached_answers,
     model_fingerprint,
     read_reference,
 )
@@ -146,20 +148,129 @@ def test_user_reference_files(tmp_path):
         read_reference(jl)
 
 
-def test_answers_are_cached_by_key(tmp_path):
-    calls = []
+def test_answers_are_stored_per_prompt_and_key(tmp_path):
+    key = AnswerKey("f", "none:float32", "{{ t }}", 64)
+    store = AnswerStore(tmp_path, key)
+    assert store.read() == {}
+    store.add([("a?", "A."), ("b?", "B.\u2028still B")])
+    assert AnswerStore(tmp_path, key).read() == {"a?": "A.", "b?": "B.\u2028still B"}
+    for other in (AnswerKey("f", "none:float32", "{{ t }}", 24), AnswerKey("g", "none:float32", "{{ t }}", 64),
+                  AnswerKey("f", "nf4:float32", "{{ t }}", 64), AnswerKey("f", "none:float32", "{{ u }}", 64),
+                  AnswerKey("f", "none:float32", "{{ t }}", 64, 1.15)):
+        assert AnswerStore(tmp_path, other).read() == {}
+    lines = store.path.read_text(encoding="utf-8").split("\n")  # JSON lines: a header, then one per answer
+    assert len(lines) == 4 and json.loads(lines[0])["key"]["tokens"] == 64 and lines[-1] == ""
+    assert [p.name for p in tmp_path.iterdir()] == [store.path.name]
 
-    def answer():
-        calls.append(1)
-        return ["x", "y"]
 
-    assert cached_answers(tmp_path, ["k", 1], answer) == (["x", "y"], False)
-    assert cached_answers(tmp_path, ["k", 1], answer) == (["x", "y"], True)
-    assert cached_answers(tmp_path, ["k", 2], answer)[1] is False
-    assert len(calls) == 2
-    for f in tmp_path.glob("*.json"):
-        f.write_text("{damaged")
-    assert cached_answers(tmp_path, ["k", 1], answer) == (["x", "y"], False)  # a damaged entry is redone
+def test_a_torn_last_line_loses_only_its_answer(tmp_path):
+    store = AnswerStore(tmp_path, AnswerKey("f", "v", None, 8))
+    store.add([("a?", "A.")])
+    with store.path.open("a") as f:
+        f.write('{"prompt": "b?", "answ')  # a run stopped in the middle of a write
+    assert store.read() == {"a?": "A."}
+    store.add([("c?", "C.")])
+    assert store.read() == {"a?": "A.", "c?": "C."}
+
+
+def _spy_replies(monkeypatch, stop_after: int | None = None) -> list[int]:
+    """Count the conversations generation is asked for; optionally stop like Ctrl-C after that many batches."""
+    from desktune.scoring import forgetting
+
+    asked, batches = [], []
+
+    def spy(model, tokenizer, conversations, **kw):
+        asked.append(len(conversations))
+        keep = kw.pop("on_batch")
+
+        def on_batch(rows, got):
+            keep(rows, got)
+            batches.append(len(rows))
+            if stop_after is not None and len(batches) >= stop_after:
+                raise KeyboardInterrupt
+
+        return replies(model, tokenizer, conversations, on_batch=on_batch, **kw)
+
+    monkeypatch.setattr(forgetting, "replies", spy)
+    return asked
+
+
+def test_only_missing_prompts_are_answered(peft_model, tiny_model_dir, tmp_path, monkeypatch):
+    tok = make_tokenizer()
+    asked = _spy_replies(monkeypatch)
+    key = answer_key(str(tiny_model_dir), "none:fp32", tok, 8)
+    first, made = base_answers(peft_model, tok, ["what is the sea?", "hello"], key, tmp_path, label="x")
+    assert made == 2 and asked == [2]
+    more, made = base_answers(peft_model, tok, ["hello", "what is the fox?", "what is the sea?", "hello"], key,
+                              tmp_path, label="x")
+    assert made == 1 and asked == [2, 1]  # a larger set generates only the prompt not answered yet
+    assert more[0] == more[3] == first[1] and more[2] == first[0]
+    again, made = base_answers(peft_model, tok, ["what is the fox?"], key, tmp_path, label="x")
+    assert made == 0 and asked == [2, 1] and again == [more[1]]
+
+
+def test_a_stopped_generation_keeps_the_answers_made(peft_model, tiny_model_dir, tmp_path, monkeypatch):
+    from desktune.scoring import forgetting
+
+    tok = make_tokenizer()
+    prompts = [f"what is the sea {i}?" for i in range(7)]
+    key = answer_key(str(tiny_model_dir), "none:fp32", tok, 8)
+    monkeypatch.setattr(forgetting, "GENERATION_BATCH", 3)
+    _spy_replies(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        base_answers(peft_model, tok, prompts, key, tmp_path, label="x")
+    assert len(AnswerStore(tmp_path, key).read()) == 6  # two batches of three, kept as they were made
+    asked = _spy_replies(monkeypatch)
+    _, made = base_answers(peft_model, tok, prompts, key, tmp_path, label="x")
+    assert made == 1 and asked == [1]
+
+
+def test_base_states_are_stored_per_key_and_examples(tmp_path, tiny_tokenizer):
+    from desktune.scoring.forgetting import BaseStates
+
+    examples = _examples(tiny_tokenizer, 3)
+    pairs = [(torch.randn(5, 8, dtype=torch.bfloat16), torch.arange(5)), (torch.randn(2, 8), torch.arange(2))]
+    store = BaseStates(tmp_path, ["model", 4], examples)
+    assert store.read("cpu", 2) is None
+    store.write(pairs)
+    back = BaseStates(tmp_path, ["model", 4], examples).read("cpu", 2)
+    assert all(torch.equal(h, h2) and torch.equal(t, t2) for (h, t), (h2, t2) in zip(pairs, back, strict=True))
+    assert back[0][0].dtype == torch.bfloat16
+    assert store.read("cpu", 3) is None  # not one pair per micro-batch: computed again
+    assert BaseStates(tmp_path, ["model", 2], examples).read("cpu", 2) is None
+    assert BaseStates(tmp_path, ["model", 4], examples[:2]).read("cpu", 2) is None
+    store.path.write_bytes(store.path.read_bytes()[:40])  # damaged
+    assert store.read("cpu", 2) is None
+
+
+def test_batched_answers_come_back_in_order(peft_model):
+    tok = make_tokenizer()
+    chats = [[{"role": "user", "content": p}] for p in
+             ["what is the sea and the fox and paris?", "hello", "what is the fox?", "what is paris, the sea?", "hi"]]
+    peft_model.eval()
+    one_by_one = [replies(peft_model, tok, [c], max_new_tokens=8)[0] for c in chats]
+    seen = []
+    batched = replies(peft_model, tok, chats, max_new_tokens=8, batch_size=2,
+                      on_batch=lambda rows, got: seen.append((rows, got)))
+    assert batched == one_by_one
+    assert sorted(i for rows, _ in seen for i in rows) == list(range(5))
+    assert all(batched[i] == a for rows, got in seen for i, a in zip(rows, got, strict=True))
+    assert sorted(seen[0][0]) == [1, 4]  # the shortest prompts first: batches of similar length pad little
+
+
+def test_progress_says_each_tenth_not_every_step():
+    lines = []
+    p = Progress(lines.append, "general prompts", 224)
+    for _ in range(224):
+        p.advance(1)
+    assert len(lines) == 11 and lines[-1].startswith("  general prompts: 224/224 (")
+    assert lines[0].startswith("  general prompts: 22/224")
+    lines.clear()
+    p = Progress(lines.append, "probe", 136)
+    for n in (32, 32, 32, 32, 8):
+        p.advance(n)
+    assert [line.split(" (")[0] for line in lines] == [f"  probe: {n}/136" for n in (32, 64, 96, 128, 136)]
+    Progress(None, "silent", 3).advance(3)  # no console: nothing said, nothing fails
 
 
 def test_fingerprint_follows_the_weights(tmp_path, tiny_model_dir):
@@ -201,8 +312,11 @@ def test_probe_counts_what_the_tuned_model_keeps(peft_model, tiny_model_dir, tmp
     questions = [Question("q1", ("a",)), Question("q2", ("b",)), Question("q3", ("c",))]
     said = {"base": ["a", "b", "x"], "tuned": ["a", "x", "c"]}
 
-    def fake(model, tokenizer, prompts, max_new_tokens):
-        return said["base"] if not model.base_model.model.training and _adapter_off(model) else said["tuned"]
+    def fake(model, tokenizer, prompts, max_new_tokens, keep=None, **kw):
+        got = said["base"] if not model.base_model.model.training and _adapter_off(model) else said["tuned"]
+        if keep is not None:
+            keep(prompts, got)
+        return got
 
     monkeypatch.setattr(forgetting, "answers", fake)
     r = probe(peft_model, tok, questions, base_path=str(tiny_model_dir), variant="v", cache=tmp_path)

@@ -163,7 +163,8 @@ class TrainConfig(_Strict):
         None, gt=0, description="Measure forgetting (loss increase and KL on the base's own answers to the "
         "general reference) every N steps.")
     forgetting_warn_pct: float = Field(
-        10.0, gt=0, description="Warn when the reference loss rose by more than this many percent.")
+        10.0, gt=0, description="Warn when the forgetting verdict is not 'kept'; both loss measures (human-written "
+        "text, the base's answers) count as kept up to this many percent.")
     forgetting_stop: bool = Field(False, description="Stop (with a checkpoint) when forgetting passes the warning.")
     diagnostics: bool = Field(True, description="Watch the run and say what looks wrong (flat or diverging "
                               "loss, spikes, over-fitting, ...).", json_schema_extra=RESUME_MAY_CHANGE)

@@ -2,21 +2,21 @@
 
 Built in (scoring/reference/, written for desktune): 224 general prompts (everyday questions, instructions,
 small reasoning, writing, explanations, code) and a 136-question knowledge probe with one right answer each.
-The base model answers both once, greedily; the answers are cached under desktune's cache keyed by the model's
-fingerprint, the chat template, the prompts and the answer length, so a later eval or run reuses them.
+The base model answers each prompt once, greedily; the answers are cached per prompt under desktune's cache, in
+one file per model fingerprint, load variant, chat template and answer length, so a later eval or run (another
+dataset, a larger share of replay) reuses every answer already made and generates only the missing ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 from desktune.errors import DesktuneError
-from desktune.runs.atomic import write_text_atomically
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 GENERAL_PROMPTS = "general_prompts.jsonl"
@@ -25,7 +25,7 @@ REPLAY_PROMPTS = "replay_prompts.jsonl"  # training replay: disjoint from GENERA
 ANSWER_TOKENS = 64  # the base's greedy answer to a general prompt: a few sentences, enough to carry its style
 PROBE_TOKENS = 24  # a probe answer is a word or a number; room for a short sentence around it
 FINGERPRINT_BYTES = 1 << 20  # bytes read from each end of a weight file: changed weights change these bytes
-_CACHE_VERSION = 1  # bump when what is cached changes meaning
+_CACHE_VERSION = 2  # bump when what is cached changes meaning
 
 
 @dataclass(frozen=True)
@@ -121,18 +121,61 @@ def model_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_answers(cache: Path, key: list[Any], answer: Callable[[], list[str]]) -> tuple[list[str], bool]:
-    """The answers cached under `key` in `cache`, else `answer()`'s, stored there; and whether they were cached."""
-    digest = hashlib.sha256(json.dumps([_CACHE_VERSION, *key], ensure_ascii=False).encode()).hexdigest()[:24]
-    path = cache / f"{digest}.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["answers"], True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # absent or damaged: answer again and overwrite
-    answers = answer()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(path, json.dumps({"key": key, "answers": answers}, ensure_ascii=False))
-    except OSError:
-        pass  # a read-only cache costs time on the next call, nothing else
-    return answers, False
+@dataclass(frozen=True)
+class AnswerKey:
+    """What a base model's greedy answer depends on besides its prompt: the model's files, how it was loaded,
+    the chat template, the answer length and the repetition penalty."""
+
+    fingerprint: str
+    variant: str
+    chat_template: str | None
+    tokens: int
+    repetition_penalty: float = 1.0
+
+
+class AnswerStore:
+    """The base's greedy answers under one `AnswerKey`, per prompt: a JSON-lines file, one line appended per
+    answer as it is made (a stopped run keeps what it made; a torn last line is skipped), shared by replay, the
+    forgetting reference and the knowledge probe."""
+
+    # our own few lines rather than diskcache (it pickles values) or sqlite: appendable, readable, nothing executes
+
+    def __init__(self, folder: Path, key: AnswerKey) -> None:
+        text = json.dumps([_CACHE_VERSION, *astuple(key)], ensure_ascii=False)
+        self.key = key
+        self.path = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.jsonl"
+
+    def read(self) -> dict[str, str]:
+        """Prompt -> answer for every whole line (none when the file is absent or unreadable)."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may be in a text
+        except (OSError, UnicodeDecodeError):
+            return {}
+        known: dict[str, str] = {}
+        for line in lines:
+            try:
+                row = json.loads(line)
+                prompt, answer = row["prompt"], row["answer"]
+            except (ValueError, KeyError, TypeError):
+                continue  # the header, a torn last line or damage: that prompt is answered again
+            if isinstance(prompt, str) and isinstance(answer, str):
+                known[prompt] = answer
+        return known
+
+    def add(self, pairs: list[tuple[str, str]]) -> None:
+        """Append answers, flushed to disk at once; a read-only or full cache only costs time later."""
+        lines = "".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n" for p, a in pairs)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a+b") as f:
+                if f.seek(0, os.SEEK_END) == 0:
+                    lines = json.dumps({"key": asdict(self.key)}, ensure_ascii=False) + "\n" + lines
+                else:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        lines = "\n" + lines  # a torn line from a stopped run stays alone on its line
+                f.write(lines.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            pass

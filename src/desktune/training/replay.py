@@ -17,6 +17,7 @@ from desktune.config import RunConfig
 from desktune.data import Example
 from desktune.defaults import replay_count
 from desktune.scoring.forgetting import load_variant, reference_set
+from desktune.scoring.generate import Say
 from desktune.scoring.reference import Reference, builtin_replay, read_reference
 
 
@@ -38,8 +39,11 @@ def used(reference: Reference, n: int) -> Reference:
 
 
 def replay_set(cfg: RunConfig, model: Any, tokenizer: Any, base_path: str, dtype: Any, n_train: int,
-               cache: Path) -> Replay:
-    """`cfg.data.replay` (resolved, not auto) of `n_train` as replay samples; none when the share is 0."""
+               cache: Path, say: Say | None = None) -> Replay:
+    """`cfg.data.replay` (resolved, not auto) of `n_train` as replay samples; none when the share is 0.
+
+    The base's answers are cached per prompt (scoring.forgetting.base_answers): another dataset on the same model
+    reuses them, a larger share generates only the prompts not answered yet. `say` receives progress lines."""
     share = float(cfg.data.replay)
     n = replay_count(n_train, share)
     if n == 0:
@@ -47,10 +51,11 @@ def replay_set(cfg: RunConfig, model: Any, tokenizer: Any, base_path: str, dtype
     t0 = time.perf_counter()
     reference = used(read_reference(cfg.data.replay_prompts) if cfg.data.replay_prompts else builtin_replay(), n)
     ref = reference_set(model, tokenizer, reference, base_path=base_path, variant=load_variant(cfg.model.quant, dtype),
-                        max_seq_len=cfg.data.max_seq_len, cache=cache)
+                        max_seq_len=cfg.data.max_seq_len, cache=cache, say=say)
     pool = ref.examples
     examples = [pool[i % len(pool)] for i in range(n)]  # a small pool repeats; the mix keeps its share
     whose = "given answers" if reference.texts is not None else "the base's own answers"
-    how = "from the cache" if ref.cached else f"generated in {time.perf_counter() - t0:.0f} s, cached"
+    how = ("from the cache" if ref.cached else
+           f"{ref.generated} of {len(reference.prompts)} generated in {time.perf_counter() - t0:.0f} s, cached")
     return Replay(examples, f"replay: {n} samples ({share:.0%} of training) with {whose} to {reference.name}, "
                             f"{how}; data.replay: 0 turns it off")
