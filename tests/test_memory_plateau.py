@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from desktune.hardware import KERNEL_CACHE_CAPACITY, bound_kernel_caches, cpu_supports_bf16, set_threads
 
@@ -19,7 +20,11 @@ CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 def test_set_threads_bounds_the_kernel_caches(monkeypatch):
     for name in (*CACHE_ENV, "DNNL_PRIMITIVE_CACHE_CAPACITY"):
         monkeypatch.delenv(name, raising=False)
-    set_threads(1)
+    threads = torch.get_num_threads()
+    try:
+        set_threads(1)
+    finally:
+        torch.set_num_threads(threads)
     assert [os.environ[name] for name in CACHE_ENV] == [str(KERNEL_CACHE_CAPACITY)] * 2
 
 
