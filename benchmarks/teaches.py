@@ -216,26 +216,13 @@ def replies_of(adapter: str, quant: str, questions: list[str]) -> list[str]:
     return replies(loaded.model, loaded.tokenizer, chats, max_new_tokens=ANSWER_TOKENS, batch_size=16)
 
 
-def human_text(adapter: str, quant: str) -> Any:
-    """The adapter's loss on the shipped human-written conversations against its base's (scoring/human.py)."""
-    from desktune.evaluation.results import HumanText
-    from desktune.inference import load_for_inference
-    from desktune.scoring.human import human_heldout
-
-    loaded = load_for_inference(None, adapter, quant=quant)
-    return HumanText.of(human_heldout(loaded.model, loaded.tokenizer, micro_batch_size=8,
-                                      device=loaded.hardware.device, max_seq_len=1024))
-
-
-def forgetting(adapter: str, quant: str) -> dict[str, Any]:
+def forgetting(adapter: str) -> dict[str, Any]:
     """desktune eval's forgetting verdict and its measures (the held-out part is skipped: a one-row stand-in)."""
     from desktune.evaluation.run import EvalRequest, evaluate
 
     held = Path(adapter).parent / "held.jsonl"
     held.write_text(json.dumps({"text": "a"}) + "\n")
     r = evaluate(EvalRequest(adapter=Path(adapter), data=str(held), nf4=False, out=Path(adapter).parent / "eval.json"))
-    if r.human is None:  # eval did not measure the human-written text: measure it here
-        r.human = human_text(adapter, quant)
     m, v = r.measures, r.verdict
     return {"forgetting_pct": m.base_answers_loss_pct, "human_loss_pct": m.human_loss_pct,
             "knowledge_kept_pct": m.knowledge_kept_pct, "kl": m.kl, "verdict": v.level.replace(" ", "_"),
@@ -283,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         runs["b"] = trl_system(train_file, work, seconds, steps, resolve_source("smollm2-135m-instruct"), dtype)
     acc = {k: score(replies_of(r["adapter"], r["quant"], [q for q, _ in held]), held, args.task)
            for k, r in runs.items()}
-    forget = {k: forgetting(runs[k]["adapter"], runs[k]["quant"]) for k in ("a", "c") if k in runs}
+    forget = {k: forgetting(runs[k]["adapter"]) for k in ("a", "c") if k in runs}
     for k, r in runs.items():
         print(f"{k}: accuracy {acc[k]:.3f}  steps {r['steps']}  training loop {r['train_s']:.0f} s"
               + (f"  forgetting verdict {forget[k]['sentence']}" if k in forget else ""))

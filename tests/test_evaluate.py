@@ -44,6 +44,10 @@ def test_eval_reports_what_the_run_recorded(tiny_run, tmp_path):
     assert f.prompts >= 150 and f.base.target_tokens == f.tuned.target_tokens > 0
     assert f.kl > 0 and math.isfinite(f.loss_increase_pct)
     assert f.probe.questions >= 100 and 0 <= f.probe.kept <= min(f.probe.base_correct, f.probe.tuned_correct)
+    h = result.human  # the human-written conversations, and the verdict weighs them
+    assert h is not None and 0 < h.conversations <= 60 and h.base.target_tokens == h.tuned.target_tokens > 0
+    assert math.isfinite(h.loss_increase_pct) and result.measures.human_loss_pct == h.loss_increase_pct
+    assert "human-text loss" not in result.verdict.missing
     assert result.nf4_base is not None and result.bit16_base == result.base
     assert math.isfinite(result.nf4_penalty_pct) and result.nf4_base.loss != result.base.loss
     saved = json.loads(out.read_text())
@@ -76,14 +80,14 @@ def test_second_eval_reuses_the_base_answers(tiny_run, tmp_path, monkeypatch):
     cached = list((tmp_path / "cache" / "reference").glob("*.jsonl"))
     assert len(cached) == 2  # general answers and probe answers: one file per model and answer length
     states = list((tmp_path / "cache" / "reference" / "states").glob("*.safetensors"))
-    assert 5 <= len(states) <= 11  # the base's hidden states on the reference, a tenth a file
+    assert 10 <= len(states) <= 22  # the base's hidden states on the reference and the human text, a tenth a file
     stamp = [p.stat().st_mtime_ns for p in [*cached, *states]]
     base_passes, real = [], divergence._base_hidden
     monkeypatch.setattr(divergence, "_base_hidden", lambda *a: base_passes.append(1) or real(*a))
     again = evaluate(EvalRequest(run_dir=tiny_run.run_dir, out=tmp_path / "b.json", nf4=False))
     assert [p.stat().st_mtime_ns for p in [*cached, *states]] == stamp
     assert base_passes == []  # the base's forward pass over the reference is not run again
-    assert again.forgetting == first.forgetting
+    assert again.forgetting == first.forgetting and again.human == first.human
 
 
 def test_the_base_score_loaded_the_other_way_is_cached(tiny_run, tmp_path, monkeypatch):

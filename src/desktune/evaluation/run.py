@@ -27,7 +27,7 @@ from desktune.config import DataConfig, RunConfig, load_config
 from desktune.constants import EMBEDDED_MODEL
 from desktune.data import Example, build_datasets, convert_rows, encode_samples, read_rows, resolve_chat_template
 from desktune.errors import DesktuneError
-from desktune.evaluation.results import Answer, EvalResult, Forgetting, Probe, Score, write_result
+from desktune.evaluation.results import Answer, EvalResult, Forgetting, HumanText, Probe, Score, write_result
 from desktune.hardware import detect
 from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
@@ -48,6 +48,7 @@ from desktune.scoring.forgetting import (
 )
 from desktune.scoring.forgetting import answers as tuned_answers
 from desktune.scoring.generate import ANSWER_REPETITION_PENALTY, Progress, Say
+from desktune.scoring.human import HumanHeldout, human_set
 from desktune.scoring.reference import Reference, builtin_probe, builtin_reference, model_fingerprint, read_reference
 from desktune.scoring.score import mean_target_loss
 from desktune.training.step import free_memory
@@ -156,14 +157,15 @@ def states_key(loaded: LoadedModel, cfg: RunConfig) -> list[Any]:
             cfg.model.attn_implementation, cfg.data.packing, cfg.train.micro_batch_size, torch.__version__]
 
 
-def divergence_counted(loaded: LoadedModel, examples: list[Example], cfg: RunConfig, say: Say) -> Divergence:
+def divergence_counted(loaded: LoadedModel, examples: list[Example], cfg: RunConfig, say: Say,
+                       label: str = "reference scored, base and tuned") -> Divergence:
     """`divergence` a tenth of the examples at a time (shortest first, so batches pad little), with counts; the
     base's hidden states of each tenth come from the cache when an earlier eval stored them (else are stored);
     the parts' sums are recombined by their target tokens."""
     ordered = sorted(examples, key=lambda e: len(e.input_ids))
     micro = cfg.train.micro_batch_size
     part = micro * max(1, math.ceil(len(ordered) / 10 / micro))
-    progress, parts, key = Progress(say, "reference scored, base and tuned", len(ordered)), [], states_key(loaded, cfg)
+    progress, parts, key = Progress(say, label, len(ordered)), [], states_key(loaded, cfg)
     for s in range(0, len(ordered), part):
         chunk = ordered[s : s + part]
         states = BaseStates(reference_cache() / "states", key, chunk)
@@ -197,6 +199,14 @@ def forgetting(loaded: LoadedModel, cfg: RunConfig, req: EvalRequest, say: Say |
         p = Probe(questions=r.questions, base_correct=r.base_correct, tuned_correct=r.tuned_correct, kept=r.kept)
     return Forgetting(reference=ref.name, prompts=len(ref.examples), base=Score(d.base_loss, d.target_tokens),
                       tuned=Score(d.tuned_loss, d.target_tokens), kl=d.kl, probe=p)
+
+
+def human_text(loaded: LoadedModel, cfg: RunConfig, say: Say | None = None) -> HumanText:
+    """Base vs tuned on the shipped human-written conversations (scoring/human.py), the base's states cached."""
+    hs = human_set(loaded.tokenizer, cfg.data.max_seq_len)
+    d = divergence_counted(loaded, hs.examples, cfg, say or (lambda _: None),
+                           label="human-written text scored, base and tuned")
+    return HumanText.of(HumanHeldout(name=hs.name, conversations=len(hs.examples), divergence=d))
 
 
 def prompts_of(req: EvalRequest) -> list[str]:
@@ -354,10 +364,12 @@ def held_out_phase(ev: Evaluation) -> None:
 
 
 def forgetting_phase(ev: Evaluation) -> None:
-    """Forgetting on the general reference and the knowledge probe (asked and only with an adapter)."""
+    """Forgetting on the general reference, on human-written text and the knowledge probe (asked and only with an
+    adapter)."""
     if ev.req.forgetting and ev.adapter is not None:
         with phase(ev, "forgetting", "measuring forgetting (the base's answers are cached per prompt)"):
             ev.result.forgetting = forgetting(ev.model, ev.cfg, ev.req, ev.say)
+            ev.result.human = human_text(ev.model, ev.cfg, ev.say)
 
 
 def answers_phase(ev: Evaluation) -> None:
