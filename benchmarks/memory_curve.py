@@ -17,7 +17,7 @@ activations, which the plan counts. `--model embedded` runs the embedded model i
 a checkpoint every 500, no replay (the replayed answers of a random model would be noise and cost generation time).
 
     HF_HUB_OFFLINE=1 python benchmarks/memory_curve.py [--steps 2000] [--model shaped|embedded] [--layers 2]
-                                                       [--unbounded] [--demo]
+                                                       [--dtype auto|bf16|fp32] [--unbounded] [--demo]
 
 `--unbounded` gives oneDNN's and ideep's kernel caches their default 1024 entries (as before
 hardware.bound_kernel_caches), to show the curve without the bound. `--demo` runs the demo exactly as shipped
@@ -69,9 +69,9 @@ def shaped_model(folder: Path, layers: int) -> Path:
     return folder
 
 
-def overrides(model: str | None, steps: int, out: Path) -> list[str]:
+def overrides(model: str | None, steps: int, out: Path, dtype: str = "auto") -> list[str]:
     """The demo's config, changed only where a long run needs it (`model` None: the demo as shipped)."""
-    where = [f"output_dir={out}", "run_name=memory-curve"]
+    where = [f"output_dir={out}", "run_name=memory-curve", f"model.dtype={dtype}"]
     if model is None:
         return where
     return [f"model.name={model}", f"train.max_steps={steps}", "train.grad_accum=1", "train.eval_every=50",
@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--model", choices=("shaped", "embedded"), default="shaped")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the shaped model")
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="the run's model.dtype (auto: bf16 where the CPU has it natively)")
     ap.add_argument("--unbounded", action="store_true", help="the kernel caches at their default 1024 entries")
     ap.add_argument("--demo", action="store_true", help="the demo exactly as shipped (its steps, validation, "
                     "checkpoints and replay; --steps and --model are ignored)")
@@ -187,8 +189,8 @@ def main() -> None:
         print(f"{what} at the demo's settings{' (kernel caches unbounded)' if args.unbounded else ''}", flush=True)
         metrics = work / "runs" / "memory-curve" / "metrics.jsonl"
         t0 = time.perf_counter()
-        answer = run_child(overrides(model, args.steps, work / "runs"), metrics, None if args.demo else args.steps,
-                           args.unbounded)
+        answer = run_child(overrides(model, args.steps, work / "runs", args.dtype), metrics,
+                           None if args.demo else args.steps, args.unbounded)
         print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
         values = curve(records(Path(answer["run_dir"]) / "metrics.jsonl"), answer)
     print("RESULT " + " ".join(f"{k}={v:.1f}" for k, v in values.items()), flush=True)

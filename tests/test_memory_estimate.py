@@ -8,7 +8,13 @@ from rich.console import Console
 from desktune.config import load_config
 from desktune.errors import DesktuneError
 from desktune.memory import CATALOG, PlanInputs, arch_from_config, fit_settings, largest_fitting, resolve_arch
-from desktune.memory.estimate import CPU_LIBRARY_BYTES, CPU_RUNTIME_BYTES, estimate, suggestions
+from desktune.memory.estimate import (
+    CPU_LIBRARY_BYTES,
+    CPU_RUNTIME_BYTES,
+    CPU_RUNTIME_FP32_BYTES,
+    estimate,
+    suggestions,
+)
 from desktune.memory.render import render_plan
 
 GiB = 1024**3
@@ -76,8 +82,11 @@ def test_each_option_reduces_its_component():
     assert estimate(base.with_(attn_implementation="eager")).total > estimate(base).total
     more = estimate(base.with_(lora_targets="all-linear"))
     assert more["adapter weights"] > estimate(base)["adapter weights"]
-    # the CPU's measured non-tensor memory (plan_accuracy.py --rss); none is counted where nothing was measured
+    # the CPU's measured non-tensor memory (memory_curve.py's plateau), larger for an fp32 model; none is counted
+    # where nothing was measured
     assert estimate(_inputs(device_type="cpu"))["framework overhead"] == CPU_LIBRARY_BYTES + CPU_RUNTIME_BYTES
+    fp32 = estimate(_inputs(device_type="cpu", dtype_bytes=4))["framework overhead"]
+    assert fp32 == CPU_LIBRARY_BYTES + CPU_RUNTIME_FP32_BYTES > CPU_LIBRARY_BYTES + CPU_RUNTIME_BYTES
     assert estimate(_inputs(device_type="mps"))["framework overhead"] == 0
 
 

@@ -33,12 +33,16 @@ if TYPE_CHECKING:
 
 MiB = 1024**2
 CUDA_CONTEXT_BYTES = 400 * MiB  # CUDA context + kernels: 300-500 MiB per process, outside the allocator
-# A CPU run's memory that is not tensors, measured (benchmarks/plan_accuracy.py --rss: peak RSS minus the peak of
-# live tensors, SmolLM2-135M through desktune's own train path, bf16 and fp32, torch 2.13, 2 threads): the
-# imported libraries (torch, transformers, peft, desktune: 234 MiB RSS before a model loads) and, while training,
-# 664-776 MiB more (oneDNN kernel and primitive caches, the allocator's freed-but-kept pages, Python objects).
+# A CPU run's memory that is not tensors, measured: the imported libraries (torch, transformers, peft, desktune:
+# 234 MiB RSS before a model loads) and, while training, what the run holds besides tensors (oneDNN's kernel and
+# primitive caches, bounded by hardware.bound_kernel_caches; the allocator's freed-but-kept pages; Python objects).
+# benchmarks/memory_curve.py --model embedded (SmolLM2-135M, demo settings, 2 threads, torch 2.13, 2-core EPYC):
+# in bf16 the plateau's peak RSS was 1,231 MiB against 551 MiB of planned tensors (680 - 234 = 446 MiB; the 2-layer
+# model of its shapes held 629 MiB over 2,000 steps); in fp32 1,772 MiB against 944 MiB (828 - 234 = 594 MiB).
+# Before the caches were bounded one figure, 780 MiB, was used, and the RSS kept growing past it.
 CPU_LIBRARY_BYTES = 234 * MiB
-CPU_RUNTIME_BYTES = 780 * MiB
+CPU_RUNTIME_BYTES = 450 * MiB  # a 16-bit model
+CPU_RUNTIME_FP32_BYTES = 600 * MiB  # an fp32 model: oneDNN's fp32 kernels and larger freed blocks
 # cuBLAS workspace, allocated through PyTorch's caching allocator: 4096 KiB x 8 by default on Hopper and newer
 # (CUBLAS_WORKSPACE_CONFIG=:4096:8), 4096 KiB x 2 + 16 KiB x 8 on older GPUs; the larger is assumed
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
@@ -512,16 +516,18 @@ def _one_process(inputs: PlanInputs) -> Plan:
         ]
     if inputs.device_type == "cuda":
         plan.components.append(Component("cuBLAS workspace", CUBLAS_WORKSPACE_BYTES, "in the CUDA allocator"))
-    plan.components.append(_overhead(inputs.device_type))
+    plan.components.append(_overhead(inputs.device_type, inputs.dtype_bytes))
     return plan
 
 
-def _overhead(device_type: str) -> Component:
-    """Memory of the process that is not tensors: the CUDA context, or on the CPU what was measured there."""
+def _overhead(device_type: str, dtype_bytes: int = 2) -> Component:
+    """Memory of the process that is not tensors: the CUDA context, or on the CPU what was measured there (for a
+    model of `dtype_bytes` per weight)."""
     if device_type == "cuda":
         return Component("framework overhead", CUDA_CONTEXT_BYTES, "CUDA context and kernels (not tensors)")
     if device_type == "cpu":
-        return Component("framework overhead", CPU_LIBRARY_BYTES + CPU_RUNTIME_BYTES,
+        runtime = CPU_RUNTIME_FP32_BYTES if dtype_bytes >= 4 else CPU_RUNTIME_BYTES
+        return Component("framework overhead", CPU_LIBRARY_BYTES + runtime,
                          "libraries, kernel caches, allocator slack (not tensors; measured RSS)")
     return Component("framework overhead", 0, f"none counted on {device_type} (tensor-level accounting)")
 
@@ -611,7 +617,7 @@ def _offloaded(inputs: PlanInputs, base_shard: int) -> list[Component]:
     n = inputs.nproc
     adapter = math.ceil(4 * sum(adapter_tensors(inputs)) / n)
     state = math.ceil(optimizer_state_bytes(inputs) / n)
-    overhead = _overhead("cpu")
+    overhead = _overhead("cpu", inputs.dtype_bytes)
     return [
         Component("sharded parameters", n * (base_shard + adapter), f"{n} processes x {human_bytes(base_shard)} "
                   f"base + {human_bytes(adapter)} adapter shards"),
