@@ -16,8 +16,15 @@ from desktune.memory.estimate import PlanInputs, cpu_fp32_attention, cpu_kernel_
 from desktune.models import cpu_attention
 from tests.tiny import packed_bf16_step_peak
 
-needs_kernel = pytest.mark.skipif(cpu_attention.library() is None,
-                                  reason="no avx512_bf16 or no C compiler: the kernel cannot run here")
+
+@pytest.fixture
+def kernel() -> None:
+    """Skip where the kernel cannot run; built on first use inside a test, never while tests are collected."""
+    if cpu_attention.library() is None:
+        pytest.skip("no avx512_bf16 or no C compiler: the kernel cannot run here")
+
+
+needs_kernel = pytest.mark.usefixtures("kernel")
 
 
 def _bounds(lengths: list[int]) -> list[tuple[int, int]]:
@@ -127,14 +134,15 @@ def test_other_head_sizes_keep_sdpa(monkeypatch):
 def test_a_failed_build_falls_back_with_a_log_line(monkeypatch, tmp_path, caplog):
     """A compiler that fails leaves library() None (SDPA is used) and says why in one log line."""
     monkeypatch.setattr(cpu_attention, "cpu_attention_kernel_possible", lambda: True)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("DESKTUNE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
     cpu_attention.library.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="desktune.models.cpu_attention"):
             assert cpu_attention.library() is None
         assert "did not compile" in caplog.text
-        assert not list((tmp_path / "desktune" / "kernels").glob("*.so"))
+        assert cpu_attention.cache_dir() == tmp_path / "kernels"  # desktune's cache, as every cached artefact
+        assert not list((tmp_path / "kernels").glob("*.so"))
     finally:
         cpu_attention.library.cache_clear()
 

@@ -70,6 +70,19 @@ def test_packed_row_gives_each_sample_its_own_losses(tiny_model_dir, monkeypatch
     torch.testing.assert_close(total, sum(r.sum() for r in alone), rtol=1e-5, atol=1e-4)
 
 
+def test_packed_attention_is_set_and_undone_through_a_peft_wrapper(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from desktune.models.packed_attention import restore_attention
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    configs = lambda: {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")}  # noqa: E731
+    assert use_packed_attention(model) == "sdpa" and configs() == {ATTENTION}
+    restore_attention(model, "sdpa")
+    assert configs() == {"sdpa"}
+
+
 def test_packed_gradients_equal_unpacked(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     use_packed_attention(model)

@@ -108,6 +108,17 @@ def _layer(module: str) -> str:
     return module.split(".")[1] if module.startswith("desktune.") else module
 
 
+def chain_position(layer: str, where: str) -> int:
+    """The layer's place in CHAIN; a layer not in it (a new package) fails saying where such a package belongs."""
+    if layer not in CHAIN:
+        raise AssertionError(
+            f"{where}: '{layer}' is not a layer of the chain. Add it to CHAIN in tests/test_structure.py after the "
+            f"layers it imports and before those that import it (the data flow: {' -> '.join(CHAIN)}), or to "
+            f"FOUNDATIONS (torch-free, imported by anyone) or FACES (the CLI and other front ends, which may import "
+            f"every layer), and say so in docs/architecture.md")
+    return CHAIN.index(layer)
+
+
 def test_imports_run_down_the_chain():
     back = []
     for path in _modules():
@@ -117,10 +128,16 @@ def test_imports_run_down_the_chain():
             continue
         for module in _imports(path):
             there = _layer(module)
-            if module.startswith("desktune.") and there not in FOUNDATIONS and \
-                    CHAIN.index(there) > CHAIN.index(here):
-                back.append(f"{rel} imports {module}")
+            if not module.startswith("desktune.") or there in FOUNDATIONS:
+                continue
+            if there in FACES or chain_position(there, f"{rel} imports {module}") > chain_position(here, str(rel)):
+                back.append(f"{rel} imports {module}")  # a face is the chain's end: no layer imports one
     assert back == []
+
+
+def test_a_new_package_outside_the_chain_is_named_with_where_it_belongs():
+    with pytest.raises(AssertionError, match=r"ui/app\.py: 'ui' is not a layer of the chain\. Add it to CHAIN"):
+        chain_position("ui", "ui/app.py")
 
 
 def test_the_chain_check_sees_a_back_import(monkeypatch):

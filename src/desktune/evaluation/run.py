@@ -51,7 +51,7 @@ from desktune.scoring.generate import ANSWER_REPETITION_PENALTY, Progress, Say
 from desktune.scoring.human import HumanHeldout, human_set
 from desktune.scoring.reference import Reference, builtin_probe, builtin_reference, model_fingerprint, read_reference
 from desktune.scoring.score import mean_target_loss
-from desktune.training.step import free_memory
+from desktune.training.step import release_cached_memory
 
 SCORES_VERSION = 1  # bump when a cached score changes meaning
 ANSWERS_TOKENS = 96  # the length of eval's base vs tuned answers to the demo prompts or --prompts
@@ -385,7 +385,7 @@ def release(ev: Evaluation) -> None:
     if ev.loaded is not None:
         device = ev.loaded.hardware.device
         ev.loaded = None
-        free_memory(device)
+        release_cached_memory(device)
 
 
 def nf4_phase(ev: Evaluation) -> None:

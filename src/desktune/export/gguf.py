@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 
 from desktune.errors import DesktuneError
@@ -27,19 +26,20 @@ from desktune.export.gguf_adapter import adapter_tokenizer_meta, adapter_writer
 from desktune.export.gguf_arch import (
     QTYPES,
     Arch,
+    PlannedTensor,
     arch_of,
-    encode,
     gguf_name,
     heads_to_permute,
     llama3_rope_factors,
-    nbytes,
     permute_rows,
     rope_parameters,
+    stream_tensors,
     tensor_type,
     write_hparams,
 )
 from desktune.export.gguf_tokenizer import TokenizerMeta, tokenizer_meta, write_tokenizer
 from desktune.export.ollama import Modelfile, build_modelfile, gguf_template, modelfile_path, relative
+from desktune.runs.atomic import fsync_path
 from desktune.runs.layout import ADAPTER_CONFIG, CHECKPOINTS, RunDir
 
 MODEL_TYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
@@ -54,16 +54,6 @@ class ExportResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     modelfile: Path | None = None
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One tensor of the file: its GGUF name, shape (Hugging Face order), type, and how to compute it."""
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: gguf.GGMLQuantizationType
-    produce: Callable[[], torch.Tensor]
 
 
 def resolve_source(source: Path) -> tuple[str, Path]:
@@ -89,14 +79,6 @@ class OutputFile:
     path: Path
     what: str
     write: Callable[[Path], None]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cannot_write(f: OutputFile, e: OSError, done: list[Path] | None = None) -> DesktuneError:
@@ -128,33 +110,18 @@ def write_files_atomically(files: list[OutputFile]) -> None:
             temps.append(_temp_beside(f))
             try:
                 f.write(temps[-1])
-                _fsync(temps[-1])
+                fsync_path(temps[-1])
             except OSError as e:
                 raise _cannot_write(f, e) from e
         for i, (f, tmp) in enumerate(zip(files, temps, strict=True)):
             try:
                 os.replace(tmp, f.path)
-                _fsync(f.path.parent)
+                fsync_path(f.path.parent)
             except OSError as e:
                 raise _cannot_write(f, e, [g.path for g in files[:i]]) from e
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
-
-
-def stream_tensors(writer: gguf.GGUFWriter, plan: list[PlannedTensor], path: Path) -> None:
-    """Write header, metadata and tensor infos, then each tensor as it is computed (one in memory at a time)."""
-    for t in plan:
-        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, t.ggml_type),
-                               raw_dtype=t.ggml_type)
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    try:
-        for t in plan:
-            writer.write_tensor_data(encode(t.produce(), t.ggml_type))
-    finally:
-        writer.close()
 
 
 def _weight(tensor: torch.Tensor, heads: int | None) -> Callable[[], torch.Tensor]:

@@ -17,7 +17,17 @@ import gguf
 import torch
 
 from desktune.errors import DesktuneError
-from desktune.export.gguf_arch import Arch, arch_of, gguf_name, head_dim, heads_to_permute, permute_rows, tensor_type
+from desktune.export.gguf_arch import (
+    Arch,
+    PlannedTensor,
+    arch_of,
+    gguf_name,
+    head_dim,
+    heads_to_permute,
+    permute_rows,
+    stream_tensors,
+    tensor_type,
+)
 from desktune.runs.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 _PREFIX = "base_model.model."
@@ -133,7 +143,6 @@ def adapter_alpha(cfg: dict[str, Any], rank: int, notes: list[str]) -> float:
 def adapter_writer(adapter: Path, qtype: str, model: str | None, notes: list[str]) -> Callable[[Path], None]:
     """Check an adapter folder and return the function that writes it as a GGUF LoRA adapter."""
     from desktune.adapters import check_adapter
-    from desktune.export.gguf import PlannedTensor, stream_tensors
 
     where = str(adapter / ADAPTER_CONFIG)
     cfg = check_adapter(adapter)

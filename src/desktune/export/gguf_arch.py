@@ -1,4 +1,5 @@
-"""The model part of a GGUF file: which architectures, their hyperparameters, tensor names, layout and types.
+"""The model part of a GGUF file: which architectures, their hyperparameters, tensor names, layout and types, and
+the streaming of planned tensors into a writer (the model and adapter exports share it).
 
 Facts taken from llama.cpp's converter (convert_hf_to_gguf.py), read for reference:
 - LlamaForCausalLM and MistralForCausalLM are written as the `llama` architecture, Qwen2ForCausalLM as `qwen2`.
@@ -11,7 +12,9 @@ Facts taken from llama.cpp's converter (convert_hf_to_gguf.py), read for referen
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gguf
@@ -175,3 +178,28 @@ def encode(tensor: torch.Tensor, ggml_type: gguf.GGMLQuantizationType) -> np.nda
     """A float tensor as the bytes (or floats) of `ggml_type`."""
     data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
     return gguf.quants.quantize(data, ggml_type)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the file: its GGUF name, shape (Hugging Face order), type, and how to compute it."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: gguf.GGMLQuantizationType
+    produce: Callable[[], torch.Tensor]
+
+
+def stream_tensors(writer: gguf.GGUFWriter, plan: list[PlannedTensor], path: Path) -> None:
+    """Write header, metadata and tensor infos, then each tensor as it is computed (one in memory at a time)."""
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, t.ggml_type),
+                               raw_dtype=t.ggml_type)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    try:
+        for t in plan:
+            writer.write_tensor_data(encode(t.produce(), t.ggml_type))
+    finally:
+        writer.close()

@@ -27,6 +27,7 @@ import torch
 
 from desktune.constants import CPU_ATTENTION_HEAD_DIM as HEAD_DIM
 from desktune.hardware import c_compiler, cpu_attention_kernel_possible, cpu_attention_switched_off
+from desktune.models.gguf import cache_dir as desktune_cache
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
 
 
 def cache_dir() -> Path:
-    """Where the compiled kernel is kept: $XDG_CACHE_HOME/desktune/kernels (~/.cache by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "desktune" / "kernels"
+    """Where the compiled kernel is kept: kernels/ in desktune's cache (models/gguf.py's cache_dir, which honours
+    $DESKTUNE_CACHE like every other cached artefact)."""
+    return desktune_cache() / "kernels"
 
 
 @cache

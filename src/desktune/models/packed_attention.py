@@ -102,18 +102,17 @@ def use_packed_attention(model: Any) -> str | None:
     if current != "sdpa":
         return None
     register()
-    _swap_implementation(model, "sdpa", ATTENTION)
+    _set_implementation(model, ATTENTION)
     return current
 
 
 def restore_attention(model: Any, previous: str | None) -> None:
     """Undo `use_packed_attention`."""
     if previous is not None:
-        _swap_implementation(model, ATTENTION, previous)
+        _set_implementation(model, previous)
 
 
-def _swap_implementation(model: Any, old: str, new: str) -> None:
-    for module in model.modules():
-        cfg = getattr(module, "config", None)
-        if getattr(cfg, "_attn_implementation", None) == old:
-            cfg._attn_implementation = new
+def _set_implementation(model: Any, name: str) -> None:
+    """transformers' public setter, on the model under a peft wrapper (it reaches every sub-config)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(name)

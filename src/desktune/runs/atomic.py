@@ -17,7 +17,8 @@ from pathlib import Path
 FAULT_SLEEP_ENV = "DESKTUNE_FAULT_CHECKPOINT_SLEEP"  # seconds to wait before the rename (kill tests widen the window)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder: so a rename into it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -28,10 +29,10 @@ def _fsync(path: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file():
-            _fsync(f)
+            fsync_path(f)
     for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        _fsync(d)
-    _fsync(folder)
+        fsync_path(d)
+    fsync_path(folder)
 
 
 def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> Path:
@@ -47,7 +48,7 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> Path:
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

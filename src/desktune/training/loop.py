@@ -94,8 +94,15 @@ from desktune.training.resume import capture_rng, check_compatible, config_finge
 from desktune.training.signals import GracefulStop, TrainingInterrupted
 from desktune.training.speed import Switches, choose_switches, switched_on
 from desktune.training.state import TrainState
-from desktune.training.step import NonFiniteGuard, StepOutcome, Trainer, is_out_of_memory, kept_note, train_step
-from desktune.training.step import free_memory as release_memory
+from desktune.training.step import (
+    NonFiniteGuard,
+    StepOutcome,
+    Trainer,
+    is_out_of_memory,
+    kept_note,
+    release_cached_memory,
+    train_step,
+)
 from desktune.training.watch import Best, ForgettingWatch, early_stop
 
 
@@ -531,7 +538,7 @@ def validation_loss(run: Run, tr: Trainer, mon: Monitor, hist: History) -> tuple
                     f"turn on train.gradient_checkpointing, or load the base with model.quant: nf4; {tr.kept()}",
                 ) from e
             del e  # its traceback holds the failed pass's tensors
-        release_memory(tr.device)
+        release_cached_memory(tr.device)
         hist.val_micro = max(1, micro // 2)
         mon.event(f"out of memory in validation at step {tr.step}: its micro-batch {micro} -> {hist.val_micro}; "
                   "redoing it", name="val_oom_recovery", step=tr.step, val_micro_batch_size=hist.val_micro)

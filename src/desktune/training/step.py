@@ -175,7 +175,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def free_memory(device: torch.device) -> None:
+def release_cached_memory(device: torch.device) -> None:
     """Drop what a failed step left behind and return cached blocks to the device."""
     gc.collect()
     if device.type == "cuda":
@@ -226,7 +226,7 @@ def accumulate_with_recovery(tr: Trainer, examples: list[Example], normaliser: f
                 f"out of memory at step {tr.step} even with micro-batch 1", where="train.micro_batch_size",
                 fix="turn on train.gradient_checkpointing, lower data.max_seq_len, or load the base with "
                 f"model.quant: nf4; {tr.kept()}")
-        free_memory(tr.device)
+        release_cached_memory(tr.device)
         per_step, old = len(examples), tr.micro
         tr.micro //= 2
         mon.event(f"out of memory at step {tr.step}: micro-batch {old} -> {tr.micro}, accumulation "
