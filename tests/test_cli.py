@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from desktune import cli
 from tests.tiny import tiny_config
 
-VERBS = ["demo", "train", "eval", "report", "plan", "chat", "generate", "merge", "serve"]
+VERBS = ["demo", "train", "stop", "eval", "report", "plan", "chat", "generate", "merge", "serve"]
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

@@ -3,6 +3,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,50 @@ def test_sigint_finishes_the_step_saves_and_resumes(tiny_model_dir, tmp_path, re
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     resumed = train(cfg, quiet=True, resume=stop.value.checkpoint)
     _assert_identical(resumed, reference)
+
+
+def test_a_stop_token_from_another_thread_stops_like_ctrl_c(tiny_model_dir, tmp_path, reference, monkeypatch):
+    from desktune.training.signals import StopToken
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "token")
+    run, token, asked = setup(cfg, quiet=True), StopToken(), []
+
+    def caller_asks(step: int, micro: int) -> None:  # during step 3, a caller's thread asks the run to stop
+        if step == 3 and not asked:
+            asked.append(threading.Thread(target=token.request, args=("stopped by the caller",)))
+            asked[0].start()
+            asked[0].join(10)
+
+    inject_fault(monkeypatch, caller_asks)
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(run, stop=token)
+    monkeypatch.undo()
+    assert stop.value.step == 3 and stop.value.checkpoint.endswith("step-000003")
+    events = records_of(read_records(run.run_dir / "metrics.jsonl"), EventRecord)
+    assert any(e.name == "stopped" and e.message == "stopped by the caller: stopped after step 3" for e in events)
+    _assert_identical(train(cfg, quiet=True, resume=stop.value.checkpoint), reference)
+
+
+def test_a_stop_file_from_another_process_stops_like_ctrl_c(tiny_model_dir, tmp_path, reference, monkeypatch):
+    cfg = _cfg(tiny_model_dir, tmp_path, "file")
+    run, asked = setup(cfg, quiet=True), []
+
+    def other_process_asks(step: int, micro: int) -> None:  # during step 3: `desktune stop RUN` in its own process
+        if step == 3 and not asked:
+            asked.append(subprocess.run([sys.executable, "-m", "desktune", "stop", str(run.run_dir)],
+                                        capture_output=True, text=True, timeout=120))
+
+    inject_fault(monkeypatch, other_process_asks)
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(run)
+    monkeypatch.undo()
+    assert asked[0].returncode == 0, asked[0].stderr
+    assert stop.value.step == 3 and not RunDir(run.run_dir).stop_request.exists()  # consumed: a resume goes on
+    events = records_of(read_records(run.run_dir / "metrics.jsonl"), EventRecord)
+    assert any(e.name == "stopped" and e.message == "STOP file in the run folder: stopped after step 3"
+               for e in events)
+    RunDir(run.run_dir).stop_request.write_text("left over")  # one left from before is removed when a run starts
+    _assert_identical(train(cfg, quiet=True, resume=stop.value.checkpoint), reference)
 
 
 def test_an_ignored_sigint_stays_ignored(tiny_model_dir, tmp_path):

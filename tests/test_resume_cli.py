@@ -1,5 +1,6 @@
-"""Ctrl-C and SIGTERM sent to a real `desktune train` process: it finishes the step, saves a checkpoint, exits 130
-and prints the command that resumes it; that command, run as printed, ends the run at its full length."""
+"""Ctrl-C, SIGTERM or `desktune stop` from another process, sent to a real `desktune train` process: it finishes
+the step, saves a checkpoint, exits 130 and prints the command that resumes it; that command, run as printed, ends
+the run at its full length."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _wait_for_steps(metrics: Path, proc: subprocess.Popen, timeout: float = 120.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, "desktune stop"])
 def test_a_signal_then_the_printed_resume_command(tiny_model_dir, tmp_path, sig):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, tmp_path, run_name="sig",
@@ -47,7 +48,11 @@ def test_a_signal_then_the_printed_resume_command(tiny_model_dir, tmp_path, sig)
                             stderr=subprocess.PIPE, text=True)
     run = RunDir(tmp_path / "runs" / "sig")
     _wait_for_steps(run.metrics, proc)
-    proc.send_signal(sig)
+    if sig == "desktune stop":  # from another process: the run folder's STOP file
+        asked = subprocess.run(_desktune("stop", str(run.path)), env=env, capture_output=True, text=True, timeout=120)
+        assert asked.returncode == 0 and "asked the run to stop" in asked.stdout, asked.stderr
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "stopped after step" in err
@@ -62,3 +67,10 @@ def test_a_signal_then_the_printed_resume_command(tiny_model_dir, tmp_path, sig)
     steps = [r.step for r in records_of(read_records(run.metrics), TrainRecord)]
     assert steps == list(range(1, STEPS + 1))  # every step once: the record was cut back at the checkpoint
     assert json.loads((run.adapter / "desktune.json").read_text())["step"] == STEPS
+
+
+def test_desktune_stop_on_a_folder_that_is_not_a_run(tmp_path):
+    done = subprocess.run(_desktune("stop", str(tmp_path)), env={**os.environ, "COLUMNS": "200"}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "not a run folder" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "STOP").exists()

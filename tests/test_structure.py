@@ -14,7 +14,8 @@ from desktune.runs import layout
 SRC = Path(__file__).resolve().parents[1] / "src" / "desktune"
 RUN_FOLDER_NAMES = {layout.CONFIG, layout.METRICS, layout.CHECKPOINTS, layout.DEMO_ANSWERS, layout.ADAPTER_CONFIG,
                     layout.ADAPTER_WEIGHTS, layout.ADAPTER_WEIGHTS_PICKLE, layout.CHAT_TEMPLATE, layout.META,
-                    layout.TRAINER_STATE, layout.TRAINER_TENSORS, layout.TRAINER_STATE_PICKLE, layout.CHECKPOINT_MARKER}
+                    layout.TRAINER_STATE, layout.TRAINER_TENSORS, layout.TRAINER_STATE_PICKLE, layout.CHECKPOINT_MARKER,
+                    layout.STOP_REQUEST}
 
 
 def _modules(under: Path = SRC) -> list[Path]:

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from desktune.evaluation.results import EvalResult
     from desktune.training.loop import RunResult
 
-__all__ = ["DesktuneError", "RunConfig", "RunResult", "__version__", "demo", "evaluate", "export_gguf", "generate",
-           "load_config", "merge", "report", "train"]
+__all__ = ["DesktuneError", "RunConfig", "RunResult", "StopToken", "__version__", "demo", "evaluate", "export_gguf",
+           "generate", "load_config", "merge", "report", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +42,10 @@ def __getattr__(name: str) -> Any:
         from desktune.training.loop import RunResult
 
         return RunResult
+    if name == "StopToken":
+        from desktune.training.signals import StopToken
+
+        return StopToken
     raise AttributeError(f"module 'desktune' has no attribute {name!r}")
 
 
@@ -53,12 +57,14 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
 
 
 def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, *,
-          quiet: bool = False) -> RunResult:
-    """Train an adapter; returns the RunResult (run_dir, adapter_dir, losses, tokens/s)."""
+          quiet: bool = False, stop: Any = None) -> RunResult:
+    """Train an adapter; returns the RunResult (run_dir, adapter_dir, losses, tokens/s). `stop`: a
+    `desktune.StopToken`; its `request()` (from another thread) stops the run after its current step with a
+    checkpoint, raising `desktune.training.signals.TrainingInterrupted`, as Ctrl-C does."""
     from desktune.config import load_config as _load
     from desktune.training.loop import train as _train
 
-    return _train(_load(config, overrides), quiet=quiet)
+    return _train(_load(config, overrides), quiet=quiet, stop=stop)
 
 
 def generate(prompt: str, *, model: str | None = None, adapter: str | Path | None = None,

@@ -1,4 +1,4 @@
-"""The `desktune` command: demo, train, eval, report, plan, generate, chat, merge, export, serve."""
+"""The `desktune` command: demo, train, stop, eval, report, plan, generate, chat, merge, export, serve."""
 
 from __future__ import annotations
 
@@ -479,6 +479,29 @@ def evaluate(
     result = run_eval(req, console=err)
     out.print(render(result))
     out.print(f"written: [bold]{output_path(req)}[/]")
+
+
+@app.command()
+def stop(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The folder of a run in progress.")],
+) -> None:
+    """Ask a running `desktune train` to stop after its current step, as Ctrl-C does: a checkpoint, then exit 130.
+
+    Works from another terminal or process (it writes RUN_DIR/STOP, which the run watches and removes).
+
+    Example: desktune stop runs/20261208-101500
+    """
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise DesktuneError(f"not a run folder (no {run.config.name})", where=str(run_dir),
+                            fix="pass the folder `desktune train` printed as its run folder")
+    try:
+        run.stop_request.write_text("stop\n", encoding="utf-8")
+    except OSError as e:
+        raise DesktuneError(f"cannot write the stop request ({e.strerror or e})", where=str(run.stop_request),
+                            fix="run this as a user who can write to the run folder") from e
+    out.print(f"asked the run to stop after its current step: {run.stop_request} (it saves a checkpoint, then "
+              f"exits; resume with `desktune train CONFIG --resume {run_dir}`)")
 
 
 @app.command()

@@ -55,6 +55,7 @@ TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_STATE_PICKLE = "trainer_state.pt"  # older desktune checkpoints: a pickle (read only when allowed)
 CHECKPOINT_MARKER = ".desktune-checkpoint"
+STOP_REQUEST = "STOP"  # a file another process writes into a running run's folder: stop after this step, resumable
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -120,6 +121,10 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / REPORT
+
+    @property
+    def stop_request(self) -> Path:
+        return self.path / STOP_REQUEST
 
     def checkpoint(self, step: int) -> Path:
         """Where the checkpoint after `step` goes."""

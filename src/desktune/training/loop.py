@@ -91,7 +91,7 @@ from desktune.training.objectives import objective_for
 from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler, reschedule
 from desktune.training.replay import replay_set
 from desktune.training.resume import capture_rng, check_compatible, config_fingerprint, data_fingerprint, restore_rng
-from desktune.training.signals import GracefulStop, TrainingInterrupted
+from desktune.training.signals import GracefulStop, StopToken, TrainingInterrupted
 from desktune.training.speed import Switches, choose_switches, switched_on
 from desktune.training.state import TrainState
 from desktune.training.step import (
@@ -348,18 +348,29 @@ class History:
 
 
 def fit(run: Run, *, resume: Path | None = None, state: TrainState | None = None,
-        accept_changes: bool = False) -> RunResult:
+        accept_changes: bool = False, stop: StopToken | None = None) -> RunResult:
     """Train the adapters of a prepared run (from a checkpoint when `resume` is given: its `state`, read here
-    when not passed) and save them."""
+    when not passed) and save them. `stop` (or the run folder's STOP file) stops it after a step, as Ctrl-C does."""
     hw = run.loaded.hardware
     if resume is not None and state is None:
         state = load_state(resume)
     with switched_on(run.model, choose_switches(run.cfg, hw.device, hw.dtype)) as switches:
         run.switches = switches
-        return _fit(run, resume, state, accept_changes)
+        return _fit(run, resume, state, accept_changes, stop_token(run, stop))
 
 
-def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes: bool) -> RunResult:
+def stop_token(run: Run, given: StopToken | None) -> StopToken:
+    """The caller's token (or a new one) watching the run folder's STOP file; a STOP left from an earlier stop is
+    removed first, so a resumed run goes on. Only rank 0 watches: the ranks agree through `any_rank`."""
+    token = given or StopToken()
+    if run.dist.is_main:
+        run.dir.stop_request.unlink(missing_ok=True)
+        token.file = token.file or run.dir.stop_request
+    return token
+
+
+def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes: bool,
+         token: StopToken) -> RunResult:
     wall0, cfg = run.started, run.cfg
     steps = state.total_steps if state and state.total_steps else total_steps(cfg, len(run.train_set))
     saver, hist = Saver.for_run(run), History()
@@ -373,7 +384,7 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
     start = state.step if state else 0
     samples = step_samples(run, start)
     with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps),
-                 records=run.dist.is_main) as mon, GracefulStop() as stop:
+                 records=run.dist.is_main) as mon, GracefulStop(token) as stop:
         forgetting = begin(run, tr, mon, hist, state, resume)
         refits, refit = Refits(cfg.train.warmup_ratio), None
         if state is None and cfg.train.time_budget:
@@ -397,10 +408,7 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
                 ended = step
                 break
             if any_rank(run.dist, bool(stop.requested), tr.device) and step != steps:  # all stop at one step
-                saved = saved or saver.checkpoint(tr, mon)
-                mon.event(f"{stop.requested or 'stop asked on another rank'}: stopped after step {step}",
-                          name="stopped", step=step)
-                raise TrainingInterrupted(step, str(saved))
+                stopped(run, tr, mon, saver, saved, stop.requested)
         if run.val_set and (not hist.val_losses or hist.val_losses[-1][0] != ended):
             tr.step = ended
             validate(run, tr, mon, hist)
@@ -413,6 +421,15 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
                      train_losses=hist.train_losses, val_losses=hist.val_losses,
                      tokens_per_s=hist.tokens / max(hist.train_s, 1e-9), wall_s=time.perf_counter() - wall0,
                      train_s=hist.train_s, trainable=run.trainable, best_step=best_step, outcome=outcome)
+
+
+def stopped(run: Run, tr: Trainer, mon: Monitor, saver: Saver, saved: Path | None, why: str | None) -> None:
+    """A requested stop: checkpoint (unless this step just made one), record it, consume the STOP file, raise."""
+    saved = saved or saver.checkpoint(tr, mon)
+    mon.event(f"{why or 'stop asked on another rank'}: stopped after step {tr.step}", name="stopped", step=tr.step)
+    if run.dist.is_main:
+        run.dir.stop_request.unlink(missing_ok=True)
+    raise TrainingInterrupted(tr.step, str(saved))
 
 
 def diverged(run: Run, tr: Trainer, mon: Monitor) -> Finding | None:
@@ -805,24 +822,26 @@ class Saver:
 
 
 def train(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False,
-          resume: str | Path | bool | None = None, accept_changes: bool = False) -> RunResult:
-    """Set up and run one fine-tuning run; `resume` continues one exactly from a checkpoint. Under torchrun each
-    process is one rank of the run (only rank 0 prints and writes)."""
+          resume: str | Path | bool | None = None, accept_changes: bool = False,
+          stop: StopToken | None = None) -> RunResult:
+    """Set up and run one fine-tuning run; `resume` continues one exactly from a checkpoint; `stop` lets a caller
+    stop it after a step (TrainingInterrupted, resumable). Under torchrun each process is one rank of the run (only
+    rank 0 prints and writes)."""
     dist = from_env(cfg.train.distributed)
     join_group(dist, pick_device(cfg.train.device), cfg.train.collective_timeout_s)
     try:
-        return _train(cfg, dist, console, quiet or not dist.is_main, resume, accept_changes)
+        return _train(cfg, dist, console, quiet or not dist.is_main, resume, accept_changes, stop)
     finally:
         leave_group(dist)
 
 
 def _train(cfg: RunConfig, dist: Dist, console: Console | None, quiet: bool, resume: str | Path | bool | None,
-           accept_changes: bool) -> RunResult:
+           accept_changes: bool, stop: StopToken | None) -> RunResult:
     if resume:
         point = find_checkpoint(cfg.output_dir, cfg.run_name, resume)
         state = load_state(point)  # before the model loads: a refused or damaged state costs nothing
         run_dir = RunDir.of_checkpoint(point).path
         cfg = cfg.model_copy(update={"output_dir": str(run_dir.parent), "run_name": run_dir.name})
         return fit(setup(cfg, console=console, quiet=quiet, existing=run_dir, dist=dist), resume=point, state=state,
-                   accept_changes=accept_changes)
-    return fit(setup(cfg, console=console, quiet=quiet, dist=dist))
+                   accept_changes=accept_changes, stop=stop)
+    return fit(setup(cfg, console=console, quiet=quiet, dist=dist), stop=stop)
