@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from desktune.config import load_config
 from desktune.errors import DesktuneError
-from desktune.runs import EventRecord, RunDir, is_complete_checkpoint, read_records, records_of
+from desktune.runs import EventRecord, RunDir, TrainRecord, is_complete_checkpoint, read_records, records_of
 from desktune.scoring import score as objectives  # where the loss of a batch is taken
 from desktune.training import checkpoint as ckpt_mod
 from desktune.training.loop import fit, setup, train
@@ -139,6 +140,21 @@ def test_a_stop_file_from_another_process_stops_like_ctrl_c(tiny_model_dir, tmp_
                for e in events)
     RunDir(run.run_dir).stop_request.write_text("left over")  # one left from before is removed when a run starts
     _assert_identical(train(cfg, quiet=True, resume=stop.value.checkpoint), reference)
+
+
+def test_listeners_get_every_record_and_a_failing_one_is_dropped(tiny_model_dir, tmp_path, caplog):
+    seen, calls = [], []
+
+    def broken(record) -> None:
+        calls.append(record)
+        raise ValueError("a bug in the caller's callback")
+
+    with caplog.at_level(logging.WARNING, logger="desktune.training.monitor"):
+        result = train(_cfg(tiny_model_dir, tmp_path, "listen"), quiet=True, listeners=[seen.append, broken])
+    written = read_records(result.run_dir / "metrics.jsonl")
+    assert [type(r).__name__ for r in seen] == [type(r).__name__ for r in written]  # every record, in order
+    assert [r.step for r in records_of(seen, TrainRecord)] == list(range(1, STEPS + 1))
+    assert len(calls) == 1 and "gets no more records" in caplog.text  # dropped; the run went on to the end
 
 
 def test_an_ignored_sigint_stays_ignored(tiny_model_dir, tmp_path):

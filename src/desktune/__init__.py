@@ -57,14 +57,15 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: li
 
 
 def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, *,
-          quiet: bool = False, stop: Any = None) -> RunResult:
+          quiet: bool = False, stop: Any = None, listeners: list[Any] | None = None) -> RunResult:
     """Train an adapter; returns the RunResult (run_dir, adapter_dir, losses, tokens/s). `stop`: a
     `desktune.StopToken`; its `request()` (from another thread) stops the run after its current step with a
-    checkpoint, raising `desktune.training.signals.TrainingInterrupted`, as Ctrl-C does."""
+    checkpoint, raising `desktune.training.signals.TrainingInterrupted`, as Ctrl-C does. `listeners`: callables
+    given every record of the training loop as it is written (desktune.runs.records: steps, validations, events)."""
     from desktune.config import load_config as _load
     from desktune.training.loop import train as _train
 
-    return _train(_load(config, overrides), quiet=quiet, stop=stop)
+    return _train(_load(config, overrides), quiet=quiet, stop=stop, listeners=listeners or ())
 
 
 def generate(prompt: str, *, model: str | None = None, adapter: str | Path | None = None,

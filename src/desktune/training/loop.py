@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -86,7 +86,7 @@ from desktune.training.distributed import (
 )
 from desktune.training.distributed import start as join_group
 from desktune.training.distributed import stop as leave_group
-from desktune.training.monitor import Monitor
+from desktune.training.monitor import Listener, Monitor
 from desktune.training.objectives import objective_for
 from desktune.training.optim import effective_optimizer, make_optimizer, make_scheduler, reschedule
 from desktune.training.replay import replay_set
@@ -348,15 +348,16 @@ class History:
 
 
 def fit(run: Run, *, resume: Path | None = None, state: TrainState | None = None,
-        accept_changes: bool = False, stop: StopToken | None = None) -> RunResult:
+        accept_changes: bool = False, stop: StopToken | None = None, listeners: Sequence[Listener] = ()) -> RunResult:
     """Train the adapters of a prepared run (from a checkpoint when `resume` is given: its `state`, read here
-    when not passed) and save them. `stop` (or the run folder's STOP file) stops it after a step, as Ctrl-C does."""
+    when not passed) and save them. `stop` (or the run folder's STOP file) stops it after a step, as Ctrl-C does;
+    each of `listeners` gets every record as it is written."""
     hw = run.loaded.hardware
     if resume is not None and state is None:
         state = load_state(resume)
     with switched_on(run.model, choose_switches(run.cfg, hw.device, hw.dtype)) as switches:
         run.switches = switches
-        return _fit(run, resume, state, accept_changes, stop_token(run, stop))
+        return _fit(run, resume, state, accept_changes, stop_token(run, stop), listeners)
 
 
 def stop_token(run: Run, given: StopToken | None) -> StopToken:
@@ -370,7 +371,7 @@ def stop_token(run: Run, given: StopToken | None) -> StopToken:
 
 
 def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes: bool,
-         token: StopToken) -> RunResult:
+         token: StopToken, listeners: Sequence[Listener]) -> RunResult:
     wall0, cfg = run.started, run.cfg
     steps = state.total_steps if state and state.total_steps else total_steps(cfg, len(run.train_set))
     saver, hist = Saver.for_run(run), History()
@@ -384,7 +385,7 @@ def _fit(run: Run, resume: Path | None, state: TrainState | None, accept_changes
     start = state.step if state else 0
     samples = step_samples(run, start)
     with Monitor(run.dir, steps, run.console, quiet=run.quiet, diagnostics=diagnostics_for(run, steps),
-                 records=run.dist.is_main) as mon, GracefulStop(token) as stop:
+                 records=run.dist.is_main, listeners=listeners) as mon, GracefulStop(token) as stop:
         forgetting = begin(run, tr, mon, hist, state, resume)
         refits, refit = Refits(cfg.train.warmup_ratio), None
         if state is None and cfg.train.time_budget:
@@ -823,25 +824,25 @@ class Saver:
 
 def train(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False,
           resume: str | Path | bool | None = None, accept_changes: bool = False,
-          stop: StopToken | None = None) -> RunResult:
+          stop: StopToken | None = None, listeners: Sequence[Listener] = ()) -> RunResult:
     """Set up and run one fine-tuning run; `resume` continues one exactly from a checkpoint; `stop` lets a caller
-    stop it after a step (TrainingInterrupted, resumable). Under torchrun each process is one rank of the run (only
-    rank 0 prints and writes)."""
+    stop it after a step (TrainingInterrupted, resumable); `listeners` get every record of the training loop as it
+    is written. Under torchrun each process is one rank of the run (only rank 0 prints and writes)."""
     dist = from_env(cfg.train.distributed)
     join_group(dist, pick_device(cfg.train.device), cfg.train.collective_timeout_s)
     try:
-        return _train(cfg, dist, console, quiet or not dist.is_main, resume, accept_changes, stop)
+        return _train(cfg, dist, console, quiet or not dist.is_main, resume, accept_changes, stop, listeners)
     finally:
         leave_group(dist)
 
 
 def _train(cfg: RunConfig, dist: Dist, console: Console | None, quiet: bool, resume: str | Path | bool | None,
-           accept_changes: bool, stop: StopToken | None) -> RunResult:
+           accept_changes: bool, stop: StopToken | None, listeners: Sequence[Listener]) -> RunResult:
     if resume:
         point = find_checkpoint(cfg.output_dir, cfg.run_name, resume)
         state = load_state(point)  # before the model loads: a refused or damaged state costs nothing
         run_dir = RunDir.of_checkpoint(point).path
         cfg = cfg.model_copy(update={"output_dir": str(run_dir.parent), "run_name": run_dir.name})
         return fit(setup(cfg, console=console, quiet=quiet, existing=run_dir, dist=dist), resume=point, state=state,
-                   accept_changes=accept_changes, stop=stop)
-    return fit(setup(cfg, console=console, quiet=quiet, dist=dist), stop=stop)
+                   accept_changes=accept_changes, stop=stop, listeners=listeners)
+    return fit(setup(cfg, console=console, quiet=quiet, dist=dist), stop=stop, listeners=listeners)

@@ -3,7 +3,9 @@ diagnostics (runs/diagnostics.py) read each step and validation record as it is 
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,17 @@ from desktune.runs import (
 from desktune.runs.diagnostics import DIAGNOSIS, Diagnostics, Finding
 from desktune.units import human_bytes
 
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Record], None]  # called with every record as it is written (a caller's own view of the run)
+
 
 class Monitor:
     """Writes the run's records and shows progress (loss, lr, tokens/s, memory, the last validation): a live bar
     in a terminal; into a pipe or a log, whole plain lines (about 20 a run) that a live bar cannot give there."""
 
     def __init__(self, run_dir: RunDir, total_steps: int, console: Console | None = None, *, quiet: bool = False,
-                 diagnostics: Diagnostics | None = None, records: bool = True):
+                 diagnostics: Diagnostics | None = None, records: bool = True, listeners: Sequence[Listener] = ()):
         self.path: Path = run_dir.metrics
         self.console = console or make_console(stderr=True)
         self.total_steps = total_steps
@@ -52,6 +58,7 @@ class Monitor:
         self._task: Any = None
         self._writer = RecordWriter(self.path) if records else None  # ranks but 0 of several write nothing
         self.diagnostics = diagnostics
+        self.listeners = list(listeners)
 
     def __enter__(self) -> Monitor:
         if not self.quiet and self.console.is_terminal:
@@ -83,10 +90,21 @@ class Monitor:
         record.time_s = round(time.perf_counter() - self.start, 3)
         if self._writer is not None:
             self._writer.write(record)
+        self._tell(record)
         if self.diagnostics is not None and isinstance(record, TrainRecord | EvalRecord):
             for finding in self.diagnostics.observe(record):
                 self.diagnose(finding)
         return record
+
+    def _tell(self, record: Record) -> None:
+        """Each listener gets the record; one that raises is dropped with a warning (the run goes on)."""
+        for listener in list(self.listeners):
+            try:
+                listener(record)
+            except Exception as e:
+                self.listeners.remove(listener)
+                log.warning("a record listener raised %s: %s; it gets no more records", type(e).__name__, e)
+                self.print(f"[yellow]a record listener raised {type(e).__name__}: {e}; it gets no more records[/]")
 
     def diagnose(self, f: Finding) -> None:
         """A finding: an event record with its numbers, and one sentence on screen."""
