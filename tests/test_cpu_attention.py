@@ -187,3 +187,23 @@ def test_the_plan_matches_a_measured_kernel_step(monkeypatch):
     error = abs(estimate(inputs.with_(cpu_attention_kernel=True)).tensor_bytes - peak) / peak
     error_fp32 = abs(estimate(inputs).tensor_bytes - peak) / peak
     assert error < 0.05 < error_fp32, (error, error_fp32)
+
+
+def test_a_failed_build_is_the_runs_one_attention_decision(tiny_model_dir, tmp_path, monkeypatch):
+    """Where the kernel could run but does not build, setup decides once: the plan counts SDPA, the model runs it,
+    the record says why (before: the plan counted the kernel while attention ran in fp32)."""
+    from desktune.config import load_config
+    from desktune.runs import EventRecord, RunDir, read_records, records_of
+    from desktune.training import loop
+    from tests.tiny import tiny_config
+
+    monkeypatch.setattr(hardware, "cpu_attention_kernel_possible", lambda: True)
+    monkeypatch.setattr(cpu_attention, "library", lambda: None)
+    planned, real = [], loop.fit_to_budget
+    monkeypatch.setattr(loop, "fit_to_budget",
+                        lambda cfg, hw, **kw: planned.append(hw.cpu_attention_kernel) or real(cfg, hw, **kw))
+    result = loop.train(load_config(tiny_config(tiny_model_dir, tmp_path, train={"max_steps": 2})), quiet=True)
+    assert planned == [False]
+    said = [e for e in records_of(read_records(RunDir(result.run_dir).metrics), EventRecord)
+            if e.name == "attention_fallback"]
+    assert len(said) == 1 and "did not build" in said[0].message and "fp32" in said[0].message

@@ -31,6 +31,7 @@ class Hardware:
     device: torch.device
     dtype: torch.dtype
     cpu_attention_kernel: bool = False  # desktune's CPU attention kernel can run (`cpu_attention_kernel_possible`)
+    attention_note: str | None = None  # why the kernel is not used although it could be (models.cpu_attention.decide)
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from desktune.constants import CPU_ATTENTION_HEAD_DIM as HEAD_DIM
-from desktune.hardware import c_compiler, cpu_attention_kernel_possible, cpu_attention_switched_off
+from desktune.hardware import Hardware, c_compiler, cpu_attention_kernel_possible, cpu_attention_switched_off
 from desktune.models.gguf import cache_dir as desktune_cache
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,17 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     return (query.device.type == "cpu" and all(t.dtype == torch.bfloat16 for t in (query, key, value))
             and query.shape[-1] == HEAD_DIM and query.shape[1] % key.shape[1] == 0
             and not cpu_attention_switched_off() and library() is not None)
+
+
+def decide(hw: Hardware) -> Hardware:
+    """A run's one attention decision, made at setup before the memory plan: where the kernel could run it is
+    built now, and a build that fails turns `cpu_attention_kernel` off with the reason in `attention_note`, so the
+    plan, the model and the records all see what will really run (PyTorch's fp32 SDPA then)."""
+    if not hw.cpu_attention_kernel or library() is not None:
+        return hw
+    return replace(hw, cpu_attention_kernel=False,
+                   attention_note="desktune's CPU attention kernel did not build (the log line above says why): "
+                                  "attention runs as PyTorch's SDPA in fp32, and the memory plan counts that")
 
 
 def cache_dir() -> Path:

@@ -40,6 +40,7 @@ from desktune.hardware import (
     set_threads,
 )
 from desktune.memory.budget import fit_to_budget, refuse_beyond_machine
+from desktune.models.cpu_attention import decide as decide_attention
 from desktune.models.gguf import cache_dir
 from desktune.models.loading import LoadedModel, load_model
 from desktune.runs import (
@@ -178,7 +179,7 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
     """
     started, console, dist = time.perf_counter(), console or make_console(stderr=True), dist or Dist()
     hw = detect(cfg.train.device, cfg.model.dtype)
-    hw = replace(hw, device=device_for(dist, hw.device))
+    hw = decide_attention(replace(hw, device=device_for(dist, hw.device)))  # built now, if it is to run
     check_settings(dist, hw.device, cfg.train.offload_params)
     cfg, fit_note = fit_to_budget(cfg, hw, nproc=dist.world)  # before anything loads: refuse when nothing fits
     if fit_note is None:
@@ -700,6 +701,8 @@ def announce(run: Run, mon: Monitor, device: torch.device) -> None:
                   name="optimizer_fallback", optimizer=used)
     for note in run.switches.notes:
         mon.event(note, name="switch_off")
+    if run.loaded.hardware.attention_note:
+        mon.event(run.loaded.hardware.attention_note, name="attention_fallback")
 
 
 @dataclass
