@@ -240,13 +240,20 @@ class QuantPair:
     tuned_16bit: Score | None = None
 
 
+def load_other_way(cfg: RunConfig, req: EvalRequest, adapter: Path | None, quant: str) -> LoadedModel | None:
+    """The base (with `adapter` when given) loaded with `quant`; None, and a note saying why, when it cannot be."""
+    try:
+        return load(cfg, adapter, req.device, quant=quant)
+    except DesktuneError as e:
+        req.notes.append(f"4-bit comparison skipped: {str(e).splitlines()[0]}")
+        return None
+
+
 def other_way(cfg: RunConfig, req: EvalRequest, examples: list[Example], quant: str, say: Say | None) -> Score | None:
     """The base alone loaded with `quant`, scored on the examples; None (and a note) when it cannot be loaded."""
     progress = Progress(say, "4-bit cost, load and score", 2)
-    try:
-        loaded = load(cfg, None, req.device, quant=quant)
-    except DesktuneError as e:
-        req.notes.append(f"4-bit comparison skipped: {str(e).splitlines()[0]}")
+    loaded = load_other_way(cfg, req, None, quant)
+    if loaded is None:
         return None
     progress.advance(1)
     measured = score(loaded, examples, cfg)
@@ -293,10 +300,8 @@ def quant_pair(cfg: RunConfig, req: EvalRequest, examples: list[Example], base: 
             return None
         return QuantPair(measured, base) if other == "none" else QuantPair(base, measured)
     progress = Progress(say, "4-bit cost, load and score", 3)
-    try:
-        loaded = load(cfg, adapter, req.device, quant=other)
-    except DesktuneError as e:
-        req.notes.append(f"4-bit comparison skipped: {str(e).splitlines()[0]}")
+    loaded = load_other_way(cfg, req, adapter, other)
+    if loaded is None:
         return None
     progress.advance(1)
     bit16 = base_score(loaded, examples, cfg)

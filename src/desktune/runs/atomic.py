@@ -1,4 +1,5 @@
-"""Write a folder so that its name only ever holds a complete copy: checkpoints, merged models, conversions.
+"""Write a folder (checkpoints, merged models, conversions) or a file (eval.json, caches) so that its name only ever
+holds a complete copy.
 
 The writer fills a temporary sibling folder (its name starts with '.'), every file is fsynced, then the folder
 is renamed into place; a crash, a kill or a full disk mid-write leaves the previous folder (or none), never a
@@ -55,11 +56,20 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Let `write` fill a temporary sibling of `path`, fsync it, then rename it over `path` in one step (readers see
+    the old file or the new one, never a mix); the temporary file never outlives a failure."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace a text file in one rename (readers see the old or the new content, never a mix)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from desktune.data import Example, Sample, encode_samples
+from desktune.runs.atomic import write_file_atomically
 from desktune.scoring.generate import GENERATION_BATCH, Progress, Say, replies
 from desktune.scoring.reference import (
     ANSWER_TOKENS,
@@ -184,13 +183,7 @@ class BaseStates:
             tensors[f"{k}.states"], tensors[f"{k}.targets"] = h.detach().cpu().contiguous(), t.cpu().contiguous()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}-", suffix=".tmp", dir=self.path.parent)
-            os.close(fd)
-            try:
-                save_file(tensors, tmp)
-                os.replace(tmp, self.path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            write_file_atomically(self.path, lambda tmp: save_file(tensors, str(tmp)))
         except OSError:
             pass
 
