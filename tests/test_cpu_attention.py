@@ -202,8 +202,26 @@ def test_a_failed_build_is_the_runs_one_attention_decision(tiny_model_dir, tmp_p
     planned, real = [], loop.fit_to_budget
     monkeypatch.setattr(loop, "fit_to_budget",
                         lambda cfg, hw, **kw: planned.append(hw.cpu_attention_kernel) or real(cfg, hw, **kw))
-    result = loop.train(load_config(tiny_config(tiny_model_dir, tmp_path, train={"max_steps": 2})), quiet=True)
+    raw = tiny_config(tiny_model_dir, tmp_path, model={"name": str(tiny_model_dir), "dtype": "bf16"},
+                      train={"max_steps": 2})
+    result = loop.train(load_config(raw), quiet=True)
     assert planned == [False]
     said = [e for e in records_of(read_records(RunDir(result.run_dir).metrics), EventRecord)
             if e.name == "attention_fallback"]
     assert len(said) == 1 and "did not build" in said[0].message and "fp32" in said[0].message
+
+
+def test_a_run_that_would_not_use_the_kernel_builds_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """An fp32 run (or one without packing) on a CPU that could run the kernel never compiles it at start-up."""
+    from desktune.config import load_config
+    from desktune.training import loop
+    from tests.tiny import tiny_config
+
+    built = []
+    monkeypatch.setattr(hardware, "cpu_attention_kernel_possible", lambda: True)
+    monkeypatch.setattr(cpu_attention, "library", lambda: built.append(1))
+    for dtype, packing in (("fp32", True), ("bf16", False)):
+        raw = tiny_config(tiny_model_dir, tmp_path, run_name=f"{dtype}-{packing}", model={"dtype": dtype},
+                          data={"packing": packing}, train={"max_steps": 1})
+        loop.train(load_config(raw), quiet=True)
+    assert built == []

@@ -45,11 +45,12 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
             and not cpu_attention_switched_off() and library() is not None)
 
 
-def decide(hw: Hardware) -> Hardware:
-    """A run's one attention decision, made at setup before the memory plan: where the kernel could run it is
-    built now, and a build that fails turns `cpu_attention_kernel` off with the reason in `attention_note`, so the
-    plan, the model and the records all see what will really run (PyTorch's fp32 SDPA then)."""
-    if not hw.cpu_attention_kernel or library() is not None:
+def decide(hw: Hardware, packing: bool) -> Hardware:
+    """A run's one attention decision, made at setup before the memory plan: where the kernel will run (packed bf16
+    rows on a CPU that can run it) it is built now, and a build that fails turns `cpu_attention_kernel` off with the
+    reason in `attention_note`, so the plan, the model and the records all see what will really run (PyTorch's
+    fp32 SDPA then). A run that would not use it builds nothing."""
+    if not (hw.cpu_attention_kernel and packing and hw.dtype == torch.bfloat16) or library() is not None:
         return hw
     return replace(hw, cpu_attention_kernel=False,
                    attention_note="desktune's CPU attention kernel did not build (the log line above says why): "

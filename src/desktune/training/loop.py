@@ -179,7 +179,7 @@ def setup(cfg: RunConfig, *, console: Console | None = None, quiet: bool = False
     """
     started, console, dist = time.perf_counter(), console or make_console(stderr=True), dist or Dist()
     hw = detect(cfg.train.device, cfg.model.dtype)
-    hw = decide_attention(replace(hw, device=device_for(dist, hw.device)))  # built now, if it is to run
+    hw = decide_attention(replace(hw, device=device_for(dist, hw.device)), cfg.data.packing)  # built now if used
     check_settings(dist, hw.device, cfg.train.offload_params)
     cfg, fit_note = fit_to_budget(cfg, hw, nproc=dist.world)  # before anything loads: refuse when nothing fits
     if fit_note is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -104,7 +105,8 @@ class Monitor:
             except Exception as e:
                 self.listeners.remove(listener)
                 log.warning("a record listener raised %s: %s; it gets no more records", type(e).__name__, e)
-                self.print(f"[yellow]a record listener raised {type(e).__name__}: {e}; it gets no more records[/]")
+                self.print(f"[yellow]a record listener raised {type(e).__name__}: {escape(str(e))}; it gets no more "
+                           "records[/]")
 
     def diagnose(self, f: Finding) -> None:
         """A finding: an event record with its numbers, and one sentence on screen."""
